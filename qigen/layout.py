@@ -1,0 +1,181 @@
+"""The packed weight layout a schedule reads, described once as data.
+
+Rows are interleaved in tiles of `tile_rows` (one SIMD lane per row), inputs are packed in
+32-bit words per chunk of `chunk` consecutive codes.  Both the C template (how to extract each
+code) and the numpy packer (where to put each bit) are driven by the same `Layout`, so they
+cannot disagree.
+
+Codes are read with one AND: `word & (mask << shift)` converted to float is `code · 2^shift`,
+and the kernel pre-multiplies x by 2^-shift once per call.  A code whose bits reach bit 31 is
+read with a right shift instead (an AND would make it negative).  3-bit packs 32 codes in three
+words: ten codes each, plus codes 30 and 31 split over the three spare bit pairs and gathered
+into a fourth, derived word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from qigen.spec import KernelSpec, Schedule
+
+
+@dataclass(frozen=True)
+class Field:
+    """Bits [lo, lo+width) of code `code` live at bits [bit, bit+width) of word `word`."""
+    code: int
+    word: int
+    bit: int
+    lo: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Derive:
+    """Derived word |= (word `src` >> shift) & mask."""
+    src: int
+    shift: int
+    mask: int
+
+
+@dataclass(frozen=True)
+class Extract:
+    """Code `code` is read from word `src` (stored words first, then derived ones)."""
+    code: int
+    src: int
+    shift: int
+    srl: bool  # read as word >> shift (value = code) instead of word & mask (value = code << shift)
+    mask: int  # the AND mask, (2^bits - 1) << shift
+
+    @property
+    def prescale(self) -> float:
+        return 1.0 if self.srl else 2.0 ** -self.shift
+
+
+@dataclass(frozen=True)
+class Layout:
+    bits: int
+    rows: int
+    cols: int
+    tile_rows: int
+    group_chunks: int  # chunks per weight group
+    fields: tuple[Field, ...]
+    derives: tuple[Derive, ...]
+    extracts: tuple[Extract, ...]
+
+    @property
+    def chunk(self) -> int:
+        return len(self.extracts)
+
+    @property
+    def words(self) -> int:
+        return 1 + max(f.word for f in self.fields)
+
+    @property
+    def tiles(self) -> int:
+        return -(-self.rows // self.tile_rows)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.cols // self.chunk)
+
+    @property
+    def groups(self) -> int:
+        return -(-self.chunks // self.group_chunks)
+
+    @property
+    def packed_words(self) -> int:
+        return self.tiles * self.chunks * self.words * self.tile_rows
+
+    def prescale(self) -> np.ndarray:
+        """Per code of a chunk, the factor x is multiplied by before the AND-read codes meet it."""
+        return np.array([e.prescale for e in self.extracts], dtype=np.float32)
+
+
+def _extract(code: int, src: int, shift: int, bits: int) -> Extract:
+    return Extract(code, src, shift, srl=shift + bits == 32, mask=((1 << bits) - 1) << shift)
+
+
+@cache
+def _codebook(bits: int) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[Extract, ...]]:
+    if bits != 3:
+        n = 32 // bits
+        return (tuple(Field(c, 0, c * bits, 0, bits) for c in range(n)), (),
+                tuple(_extract(c, 0, c * bits, bits) for c in range(n)))
+    fields = [Field(10 * w + j, w, 3 * j, 0, 3) for w in range(3) for j in range(10)]
+    fields += [Field(30, 0, 30, 0, 2), Field(30, 2, 30, 2, 1), Field(31, 1, 30, 0, 2), Field(31, 2, 31, 2, 1)]
+    # derived word 3 holds code 30 at bits 0-2 and code 31 at bits 3-5
+    derives = (Derive(0, 30, 0x3), Derive(2, 28, 0x4), Derive(1, 27, 0x18), Derive(2, 26, 0x20))
+    extracts = [_extract(10 * w + j, w, 3 * j, 3) for w in range(3) for j in range(10)]
+    extracts += [_extract(30, 3, 0, 3), _extract(31, 3, 3, 3)]
+    return tuple(fields), derives, tuple(extracts)
+
+
+def layout(spec: KernelSpec, schedule: Schedule) -> Layout:
+    fields, derives, extracts = _codebook(spec.bits)
+    chunk = len(extracts)
+    return Layout(bits=spec.bits, rows=spec.rows, cols=spec.cols,
+                  tile_rows=schedule.row_vectors * spec.vector_width,
+                  group_chunks=-(-spec.group_size // chunk),
+                  fields=fields, derives=derives, extracts=extracts)
+
+
+def _tiled(a: np.ndarray, lay: Layout, cols: int) -> np.ndarray:
+    """(rows, cols) → zero-padded (tiles, tile_rows, cols)."""
+    out = np.zeros((lay.tiles * lay.tile_rows, cols), dtype=a.dtype)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out.reshape(lay.tiles, lay.tile_rows, cols)
+
+
+def pack_codes(codes: np.ndarray, lay: Layout) -> np.ndarray:
+    """Integer codes (rows, cols) → packed uint32 words (tiles, chunks, words, tile_rows)."""
+    if codes.shape != (lay.rows, lay.cols):
+        raise ValueError(f"codes have shape {codes.shape}, the layout expects {(lay.rows, lay.cols)}")
+    if codes.size and int(codes.max()) >= 1 << lay.bits:
+        raise ValueError(f"a code exceeds {lay.bits} bits")
+    c = _tiled(codes.astype(np.uint32), lay, lay.chunks * lay.chunk)
+    c = c.reshape(lay.tiles, lay.tile_rows, lay.chunks, lay.chunk).transpose(0, 2, 3, 1)
+    words = np.zeros((lay.tiles, lay.chunks, lay.words, lay.tile_rows), dtype=np.uint32)
+    for f in lay.fields:
+        words[:, :, f.word] |= ((c[:, :, f.code] >> f.lo) & ((1 << f.width) - 1)) << f.bit
+    return words
+
+
+def unpack_codes(words: np.ndarray, lay: Layout) -> np.ndarray:
+    """Inverse of pack_codes."""
+    c = np.zeros((lay.tiles, lay.chunks, lay.chunk, lay.tile_rows), dtype=np.uint32)
+    for f in lay.fields:
+        c[:, :, f.code] |= ((words[:, :, f.word] >> f.bit) & ((1 << f.width) - 1)) << f.lo
+    c = c.transpose(0, 3, 1, 2).reshape(lay.tiles * lay.tile_rows, lay.chunks * lay.chunk)
+    return c[: lay.rows, : lay.cols].astype(np.uint8)
+
+
+def pack_groups(values: np.ndarray, lay: Layout) -> np.ndarray:
+    """Per-group values (rows, groups) → (tiles, groups, tile_rows), the order kernels read them."""
+    return np.ascontiguousarray(_tiled(values, lay, values.shape[1]).transpose(0, 2, 1))
+
+
+@dataclass(frozen=True)
+class PackedWeights:
+    """Weights in the layout one schedule reads, ready to hand to its kernel."""
+    layout: Layout
+    words: np.ndarray  # uint32 (tiles, chunks, words, tile_rows)
+    scales: np.ndarray  # (tiles, groups, tile_rows), fp16 or fp32
+    offsets: np.ndarray | None  # like scales; None when symmetric
+
+    @property
+    def nbytes(self) -> int:
+        return self.words.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+
+
+def pack(q, spec: KernelSpec, schedule: Schedule) -> PackedWeights:
+    """QuantizedWeights (codes, scales, offsets) → the layout `schedule` reads."""
+    lay = layout(spec, schedule)
+    if (q.offsets is None) != spec.symmetric:
+        raise ValueError("symmetric kernels take weights without offsets, asymmetric ones need them")
+    if q.scales.shape != (spec.rows, spec.groups):
+        raise ValueError(f"scales have shape {q.scales.shape}, the spec needs {(spec.rows, spec.groups)}")
+    dtype = np.float16 if spec.scale_dtype == "fp16" else np.float32
+    offsets = None if q.offsets is None else pack_groups(q.offsets.astype(dtype), lay)
+    return PackedWeights(lay, pack_codes(q.codes, lay), pack_groups(q.scales.astype(dtype), lay), offsets)

@@ -1,0 +1,72 @@
+"""Round-to-nearest quantization into the kernels' format, its inverse and the numpy oracle."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qigen.spec import KernelSpec
+
+
+@dataclass(frozen=True)
+class QuantizedWeights:
+    codes: np.ndarray  # (rows, cols) uint8, 0 .. 2^bits - 1
+    scales: np.ndarray  # (rows, groups) in the spec's scale dtype
+    offsets: np.ndarray | None  # (rows, groups) same dtype; None when symmetric
+
+
+def _storage(spec: KernelSpec) -> type:
+    return np.float16 if spec.scale_dtype == "fp16" else np.float32
+
+
+def _grouped(w: np.ndarray, spec: KernelSpec) -> np.ndarray:
+    """(rows, cols) → (rows, groups, group_size), the partial last group padded with NaN."""
+    g = spec.group_size
+    padded = np.full((w.shape[0], spec.groups * g), np.nan, dtype=np.float32)
+    padded[:, : w.shape[1]] = w
+    return padded.reshape(w.shape[0], spec.groups, g)
+
+
+def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
+    """RTN per group: asymmetric maps [min, max] onto the codes, symmetric maps ±absmax (GPTQ's convention)."""
+    if w.shape != (spec.rows, spec.cols):
+        raise ValueError(f"weights have shape {w.shape}, the spec is {spec.rows}x{spec.cols}")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain NaN or infinity")
+    top = (1 << spec.bits) - 1
+    g = _grouped(w.astype(np.float32), spec)
+    lo, hi = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
+    if spec.symmetric:
+        hi = np.maximum(np.abs(lo), np.abs(hi))
+        lo = -hi
+    scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(_storage(spec))
+    s = scale.astype(np.float32)[:, :, None]
+    if spec.symmetric:
+        codes = np.rint(g / s) + (1 << (spec.bits - 1))
+        offsets = None
+    else:
+        offsets = lo.astype(_storage(spec))
+        codes = np.rint((g - offsets.astype(np.float32)[:, :, None]) / s)
+    codes = np.clip(np.nan_to_num(codes), 0, top).astype(np.uint8)
+    return QuantizedWeights(codes.reshape(spec.rows, -1)[:, : spec.cols], scale, offsets)
+
+
+def dequantize(q: QuantizedWeights, spec: KernelSpec) -> np.ndarray:
+    g = spec.group_size
+    s = np.repeat(q.scales.astype(np.float32), g, axis=1)[:, : spec.cols]
+    if q.offsets is None:
+        return s * (q.codes.astype(np.float32) - (1 << (spec.bits - 1)))
+    o = np.repeat(q.offsets.astype(np.float32), g, axis=1)[:, : spec.cols]
+    return s * q.codes + o
+
+
+def relative_error(w: np.ndarray, spec: KernelSpec) -> float:
+    """Relative RMS reconstruction error ||W - Q(W)|| / ||W||."""
+    d = dequantize(quantize(w, spec), spec) - w
+    return float(np.sqrt((d * d).sum() / max((w.astype(np.float64) ** 2).sum(), 1e-30)))
+
+
+def reference(x: np.ndarray, q: QuantizedWeights, spec: KernelSpec, bias: np.ndarray | None = None) -> np.ndarray:
+    """The oracle: dequantize, then matmul in float64. x is (cols,) or (n, cols)."""
+    y = x.astype(np.float64) @ dequantize(q, spec).astype(np.float64).T
+    return (y if bias is None else y + bias).astype(np.float32)

@@ -1,0 +1,115 @@
+"""What to compute (KernelSpec) and how to tile it (Schedule).
+
+A kernel computes y = W·x (+ bias) for a weight matrix W of `rows` × `cols` stored as
+`bits`-bit codes with one scale (and, when asymmetric, one float offset) per group of `group`
+consecutive inputs of a row: w = scale·code + offset.  An integer zero point z is the offset
+-scale·z, and GGUF's Q4_1 "minimum" is the offset itself, so one format holds both.
+Symmetric kernels store no offset: w = scale·(code - 2^(bits-1)).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+BITS = (2, 3, 4, 8)
+GROUPS = (32, 64, 128, 256, None)  # None: one group per row
+ISAS = ("avx512", "avx2", "scalar")
+SCALE_DTYPES = ("fp16", "fp32")
+FAMILIES = ("wq_f32",)  # weight-quantized, fp32 activations; int8 activations, LUT, KV-cache kernels come next
+MAX_BATCH = 512
+VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "scalar": 1}  # fp32 lanes
+VECTOR_REGISTERS = {"avx512": 32, "avx2": 16, "scalar": 16}
+
+
+class SpecError(ValueError):
+    """A spec or schedule that qigen cannot generate; the message names the broken rule."""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    rows: int  # M: outputs
+    cols: int  # K: inputs
+    bits: int
+    group: int | None = 128
+    symmetric: bool = False
+    scale_dtype: str = "fp16"
+    batch: int = 1  # 1: matrix-vector (decode); > 1: matrix-matrix (prefill), batch is the design point
+    isa: str = "avx2"
+    family: str = "wq_f32"
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise SpecError(f"bits={self.bits} is not supported: choose one of {', '.join(map(str, BITS))}")
+        if self.group not in GROUPS:
+            raise SpecError(f"group size {self.group} is not supported: choose 32, 64, 128, 256 or None (one group per row)")
+        if self.rows < 1 or self.cols < 1:
+            raise SpecError(f"shape {self.rows}x{self.cols} is empty: rows and cols must be at least 1")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise SpecError(f"batch={self.batch} is out of range: 1 (decode) to {MAX_BATCH} (prefill)")
+        if self.isa not in ISAS:
+            raise SpecError(f"isa '{self.isa}' is unknown: choose one of {', '.join(ISAS)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise SpecError(f"scale dtype '{self.scale_dtype}' is unknown: choose fp16 or fp32")
+        if self.family not in FAMILIES:
+            raise SpecError(f"kernel family '{self.family}' is unknown: choose one of {', '.join(FAMILIES)}")
+
+    @property
+    def kind(self) -> str:
+        return "gemv" if self.batch == 1 else "gemm"
+
+    @property
+    def group_size(self) -> int:
+        return self.group or self.cols
+
+    @property
+    def groups(self) -> int:
+        return -(-self.cols // self.group_size)
+
+    @property
+    def vector_width(self) -> int:
+        return VECTOR_WIDTH[self.isa]
+
+    @property
+    def name(self) -> str:
+        g = f"g{self.group}" if self.group else "grow"
+        mode = "sym" if self.symmetric else "asym"
+        return f"{self.kind}_q{self.bits}_{g}_{mode}_{self.scale_dtype}_{self.isa}_m{self.rows}k{self.cols}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    row_vectors: int = 1  # SIMD vectors of rows per tile: a tile holds row_vectors × vector_width rows
+    accumulators: int = 2  # independent partial sums per row vector (matrix-vector), to hide FMA latency
+    col_tile: int = 1  # batch columns per register micro-kernel (matrix-matrix)
+    k_block: int = 0  # inputs dequantized per block (matrix-matrix); 0 for matrix-vector
+    threads: int = 1  # the thread count the schedule was chosen for; kernels take threads at call time
+
+    def tag(self) -> str:
+        return f"r{self.row_vectors}a{self.accumulators}n{self.col_tile}kb{self.k_block}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check(spec: KernelSpec, schedule: Schedule) -> None:
+    """Raise SpecError naming the rule that spec + schedule break."""
+    from qigen.layout import layout  # the packed layout decides which k-blocks are legal
+
+    lay = layout(spec, schedule)
+    regs = VECTOR_REGISTERS[spec.isa]
+    if schedule.row_vectors < 1 or schedule.accumulators < 1 or schedule.col_tile < 1 or schedule.threads < 1:
+        raise SpecError(f"schedule {schedule.tag()}: tile sizes and threads must be at least 1")
+    if spec.kind == "gemv":
+        if schedule.col_tile != 1 or schedule.k_block != 0:
+            raise SpecError("a matrix-vector schedule has col_tile 1 and k_block 0")
+        if schedule.row_vectors * (schedule.accumulators + 2) + 1 > regs:
+            raise SpecError(f"schedule {schedule.tag()} needs more than the {regs} vector registers of {spec.isa}")
+    else:
+        if schedule.accumulators != 1:
+            raise SpecError("a matrix-matrix schedule accumulates in its col_tile × row_vectors registers: accumulators is 1")
+        if schedule.k_block < 1 or schedule.k_block % lay.chunk:
+            raise SpecError(f"k_block={schedule.k_block} is not a positive multiple of the {lay.chunk}-code packing chunk")
+        if schedule.row_vectors * (schedule.col_tile + 1) + 1 > regs:
+            raise SpecError(f"schedule {schedule.tag()} needs more than the {regs} vector registers of {spec.isa}")

@@ -1,0 +1,152 @@
+"""Compile C source into a shared library: a pure function cached on disk by content hash.
+
+Same source + flags + compiler → same library, stored as <cache>/kernels/<key>.so beside a
+<key>.json holding its checksum. Both are written to temporary names and renamed into place, so
+concurrent builds of the same kernel both succeed and a reader never sees half a file; an entry
+whose checksum does not match is rebuilt.  QIGEN_DEBUG=1 prints every source that is compiled.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
+
+from perfmodel.host import Host, detect
+
+
+class CompileError(RuntimeError):
+    """The compiler is missing or failed, or the cache cannot be written."""
+
+
+@dataclass(frozen=True)
+class Compiler:
+    path: str
+    version: str
+
+    def accepts(self, flag: str) -> bool:
+        return _accepts(self.path, flag)
+
+
+@dataclass(frozen=True)
+class Built:
+    path: Path
+    key: str
+    flags: tuple[str, ...]
+    compiler: Compiler
+    requires: frozenset[str] = frozenset()  # CPU features the library may execute
+
+
+def compiler() -> Compiler:
+    cc = os.environ.get("CC", "cc")
+    path = shutil.which(cc)
+    if path is None:
+        raise CompileError(f"no C compiler: '{cc}' is not on PATH (install gcc, or set CC to a C compiler)")
+    return _compiler(path)
+
+
+@cache
+def _compiler(path: str) -> Compiler:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True)
+    if out.returncode:
+        raise CompileError(f"'{path} --version' failed: {out.stderr.strip()}")
+    return Compiler(path, out.stdout.splitlines()[0])
+
+
+@cache
+def _accepts(path: str, flag: str) -> bool:
+    r = subprocess.run([path, flag, "-x", "c", "-E", "-", "-o", os.devnull], input="", capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("QIGEN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qigen"
+    return Path(root)
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CompileError(f"cache directory {path} cannot be created ({e.strerror}); set QIGEN_CACHE_DIR to a writable directory") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CompileError(f"cache directory {path} is not writable; set QIGEN_CACHE_DIR to a writable directory")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached(so: Path, meta: Path) -> bool:
+    try:
+        return json.loads(meta.read_text())["sha256"] == _sha256(so)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build(source: str, flags: tuple[str, ...]) -> Built:
+    """Compile `source` with `flags` (or reuse the cached library) and return where it lies."""
+    cc = compiler()
+    key = hashlib.sha256("\0".join((source, *flags, cc.path, cc.version)).encode()).hexdigest()[:24]
+    directory = _writable_dir(cache_dir() / "kernels")
+    so, meta = directory / f"{key}.so", directory / f"{key}.json"
+    built = Built(so, key, flags, cc)
+    if _cached(so, meta):
+        return built
+    if os.environ.get("QIGEN_DEBUG"):
+        print(source, file=sys.stderr)
+    try:
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
+            src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+            src.write_text(source)
+            r = subprocess.run([cc.path, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+            if r.returncode:
+                raise CompileError(f"{cc.path} failed on generated source ({' '.join(flags)}):\n{r.stderr[-4000:]}")
+            os.replace(out, so)
+        _atomic_write(meta, json.dumps({"sha256": _sha256(so), "flags": flags, "compiler": cc.version}).encode())
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise CompileError(f"cannot write to the cache directory {directory}: {e.strerror}; "
+                               "free space or set QIGEN_CACHE_DIR") from e
+        raise
+    return built
+
+
+def compile(source: str, target: Host, emulate: bool = False) -> Built:
+    """Build for a perfmodel Host; the library requires the target's features (the host's when emulated)."""
+    built = build(source, flags(target, emulate))
+    return replace(built, requires=detect().features if emulate else target.features)
+
+
+def flags(target: Host, emulate: bool = False) -> tuple[str, ...]:
+    """Flags for a perfmodel Host: its -march when the compiler knows the name, else its ISA features.
+
+    emulate: build AVX-512 sources against SIMD Everywhere for the machine we run on (testing only).
+    """
+    base = ("-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp")
+    if emulate:
+        return (*base, "-march=native", "-DQIGEN_SIMDE")
+    if target.native:
+        return (*base, "-march=native")
+    if compiler().accepts(f"-march={target.name}"):
+        return (*base, f"-march={target.name}")
+    return (*base, "-mtune=generic", *(f"-m{f}" for f in sorted(target.features)))

@@ -1,0 +1,79 @@
+"""Load a compiled library through cffi and call its kernels on numpy arrays."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cffi
+import numpy as np
+
+from perfmodel.host import detect
+from qigen.layout import PackedWeights, layout, pack
+from qigen.quant import QuantizedWeights, quantize
+from qigen.render import kernel_name
+from qigen.spec import KernelSpec, Schedule
+
+
+class LoadError(RuntimeError):
+    """The library cannot run here, or cannot be opened."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    spec: KernelSpec
+    schedule: Schedule
+    _fn: object
+    _ffi: cffi.FFI
+
+    @property
+    def name(self) -> str:
+        return kernel_name(self.spec, self.schedule)
+
+    def pack(self, q: QuantizedWeights) -> PackedWeights:
+        return pack(q, self.spec, self.schedule)
+
+    def quantize(self, w: np.ndarray) -> PackedWeights:
+        """Round-to-nearest quantize a float matrix and pack it for this kernel."""
+        return self.pack(quantize(w, self.spec))
+
+    def __call__(self, x: np.ndarray, weights: PackedWeights, bias: np.ndarray | None = None,
+                 threads: int | None = None) -> np.ndarray:
+        """y = W·x (+ bias) for x of (cols,) or (n, cols); returns (rows,) or (n, rows) float32."""
+        spec = self.spec
+        if weights.layout != layout(spec, self.schedule):
+            raise ValueError(f"weights were packed for another layout than {self.name}'s")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim not in (1, 2) or x.shape[-1] != spec.cols or x.size == 0:
+            raise ValueError(f"x has shape {x.shape}: expected ({spec.cols},) or (n, {spec.cols}) with n >= 1")
+        if bias is not None:
+            bias = np.ascontiguousarray(bias, dtype=np.float32)
+            if bias.shape != (spec.rows,):
+                raise ValueError(f"bias has shape {bias.shape}: expected ({spec.rows},)")
+        threads = threads or self.schedule.threads
+        if threads < 1:
+            raise ValueError(f"threads={threads}: at least 1")
+        n = 1 if x.ndim == 1 else x.shape[0]
+        y = np.empty(x.shape[:-1] + (spec.rows,), dtype=np.float32)
+        ffi = self._ffi
+        buf = ffi.from_buffer
+        status = self._fn(ffi.cast("uint32_t *", buf(weights.words)), buf(weights.scales),
+                          ffi.NULL if weights.offsets is None else buf(weights.offsets),
+                          ffi.NULL if bias is None else ffi.cast("float *", buf(bias)),
+                          ffi.cast("float *", buf(x)), ffi.cast("float *", buf(y, require_writable=True)), n, threads)
+        if status:
+            raise MemoryError(f"{self.name}: out of memory for its work buffers")
+        return y
+
+
+def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str]) -> dict[str, Kernel]:
+    """Open the library at `path`, refusing before any code runs if this CPU lacks a required feature."""
+    missing = requires - detect().features
+    if missing:
+        raise LoadError(f"{path} was built for a CPU with {', '.join(sorted(missing))}, which this CPU "
+                        f"({detect().name}) lacks; regenerate with --target native")
+    ffi = cffi.FFI()
+    ffi.cdef(cdef)
+    try:
+        lib = ffi.dlopen(str(path))
+    except OSError as e:
+        raise LoadError(f"cannot open {path}: {e}") from e
+    return {kernel_name(s, sch): Kernel(s, sch, getattr(lib, kernel_name(s, sch)), ffi) for s, sch in kernels}

@@ -1,0 +1,19 @@
+/* AVX2 + FMA + F16C: 8 fp32 lanes, one lane per weight row. */
+#include <immintrin.h>
+#define VW 8
+typedef __m256 vf;
+typedef __m256i vi;
+static inline vf vf_zero(void) { return _mm256_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm256_set1_ps(a); }
+static inline vf vf_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline vf vf_load_h(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void vf_store(float *p, vf a) { _mm256_storeu_ps(p, a); }
+static inline vf vf_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vi vi_load(const uint32_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline vi vi_set1(uint32_t a) { return _mm256_set1_epi32((int)a); }
+static inline vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
+static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
+#define vi_srl(a, n) _mm256_srli_epi32((a), (n))
+static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }

@@ -1,0 +1,46 @@
+/* AVX-512 F/BW/VL: 16 fp32 lanes, one lane per weight row.
+   With QIGEN_SIMDE defined, SIMD Everywhere implements the same intrinsics in portable C,
+   so these kernels can be tested on hosts without AVX-512. */
+#ifdef QIGEN_SIMDE
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#include <simde/x86/f16c.h>
+#else
+#include <immintrin.h>
+#endif
+#define VW 16
+typedef __m512 vf;
+typedef __m512i vi;
+static inline vf vf_zero(void) { return _mm512_setzero_ps(); }
+static inline vf vf_set1(float a) { return _mm512_set1_ps(a); }
+static inline vf vf_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vf_store(float *p, vf a) { _mm512_storeu_ps(p, a); }
+static inline vf vf_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vf_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vf_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vi vi_load(const uint32_t *p) { return _mm512_loadu_si512((const void *)p); }
+static inline vi vi_set1(uint32_t a) { return _mm512_set1_epi32((int)a); }
+static inline vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
+static inline vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
+#define vi_srl(a, n) _mm512_srli_epi32((a), (n))
+#ifdef QIGEN_SIMDE /* SIMDE 0.7 lacks _mm512_cvtph_ps and _mm512_cvtepi32_ps: convert lane by lane */
+static inline vf vf_load_h(const uint16_t *p)
+{
+    float t[16];
+    _mm256_storeu_ps(t, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)));
+    _mm256_storeu_ps(t + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p + 8))));
+    return _mm512_loadu_ps(t);
+}
+static inline vf vi_to_vf(vi a)
+{
+    int32_t i[16];
+    float t[16];
+    _mm512_storeu_si512((void *)i, a);
+    for (int j = 0; j < 16; j++)
+        t[j] = (float)i[j];
+    return _mm512_loadu_ps(t);
+}
+#else
+static inline vf vf_load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
+static inline vf vi_to_vf(vi a) { return _mm512_cvtepi32_ps(a); }
+#endif
