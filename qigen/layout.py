@@ -5,11 +5,11 @@ Rows are interleaved in tiles of `tile_rows` (one SIMD lane per row), inputs are
 code) and the numpy packer (where to put each bit) are driven by the same `Layout`, so they
 cannot disagree.
 
-Codes are read with one AND: `word & (mask << shift)` converted to float is `code · 2^shift`,
-and the kernel pre-multiplies x by 2^-shift once per call.  A code whose bits reach bit 31 is
-read with a right shift instead (an AND would make it negative).  3-bit packs 32 codes in three
-words: ten codes each, plus codes 30 and 31 split over the three spare bit pairs and gathered
-into a fourth, derived word.
+Codes are read with a shift shared by a window of codes and one AND: `(word >> base) & (mask << shift)`
+converted to float is `code · 2^shift`, and the kernel pre-multiplies x by 2^-shift once per call.
+Windows are at most 16 bits wide, so a read value never reaches the sign bit, and a window's few
+masks stay in registers.  3-bit packs 32 codes in three words: ten codes each, plus codes 30 and
+31 split over the three spare bit pairs and gathered into a fourth, derived word.
 """
 from __future__ import annotations
 
@@ -40,17 +40,23 @@ class Derive:
 
 
 @dataclass(frozen=True)
-class Extract:
-    """Code `code` is read from word `src` (stored words first, then derived ones)."""
-    code: int
+class View:
+    """Word `src` (stored words first, then derived ones) shifted right by `base` bits."""
     src: int
+    base: int
+
+
+@dataclass(frozen=True)
+class Extract:
+    """Code `code` is (view `view` & mask) / 2^shift, with mask = (2^bits - 1) << shift."""
+    code: int
+    view: int
     shift: int
-    srl: bool  # read as word >> shift (value = code) instead of word & mask (value = code << shift)
-    mask: int  # the AND mask, (2^bits - 1) << shift
+    mask: int
 
     @property
     def prescale(self) -> float:
-        return 1.0 if self.srl else 2.0 ** -self.shift
+        return 2.0 ** -self.shift
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,7 @@ class Layout:
     group_chunks: int  # chunks per weight group
     fields: tuple[Field, ...]
     derives: tuple[Derive, ...]
+    views: tuple[View, ...]
     extracts: tuple[Extract, ...]
 
     @property
@@ -93,32 +100,43 @@ class Layout:
         return np.array([e.prescale for e in self.extracts], dtype=np.float32)
 
 
-def _extract(code: int, src: int, shift: int, bits: int) -> Extract:
-    return Extract(code, src, shift, srl=shift + bits == 32, mask=((1 << bits) - 1) << shift)
+WINDOW = {2: 8, 3: 12, 4: 16, 8: 16}  # bits read per shifted view: 4, 4, 4 and 2 masks
+
+
+def _reads(positions: list[tuple[int, int]], bits: int) -> tuple[tuple[View, ...], tuple[Extract, ...]]:
+    """(word, bit position) per code → the shifted views and the AND that reads each code."""
+    window = WINDOW[bits]
+    views = sorted({View(w, p // window * window) for w, p in positions}, key=lambda v: (v.src, v.base))
+    index = {v: i for i, v in enumerate(views)}
+    extracts = []
+    for code, (w, p) in enumerate(positions):
+        base = p // window * window
+        extracts.append(Extract(code, index[View(w, base)], p - base, ((1 << bits) - 1) << (p - base)))
+    return tuple(views), tuple(extracts)
 
 
 @cache
-def _codebook(bits: int) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[Extract, ...]]:
+def _codebook(bits: int) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[View, ...], tuple[Extract, ...]]:
     if bits != 3:
         n = 32 // bits
         return (tuple(Field(c, 0, c * bits, 0, bits) for c in range(n)), (),
-                tuple(_extract(c, 0, c * bits, bits) for c in range(n)))
+                *_reads([(0, c * bits) for c in range(n)], bits))
     fields = [Field(10 * w + j, w, 3 * j, 0, 3) for w in range(3) for j in range(10)]
     fields += [Field(30, 0, 30, 0, 2), Field(30, 2, 30, 2, 1), Field(31, 1, 30, 0, 2), Field(31, 2, 31, 2, 1)]
     # derived word 3 holds code 30 at bits 0-2 and code 31 at bits 3-5
     derives = (Derive(0, 30, 0x3), Derive(2, 28, 0x4), Derive(1, 27, 0x18), Derive(2, 26, 0x20))
-    extracts = [_extract(10 * w + j, w, 3 * j, 3) for w in range(3) for j in range(10)]
-    extracts += [_extract(30, 3, 0, 3), _extract(31, 3, 3, 3)]
-    return tuple(fields), derives, tuple(extracts)
+    positions = [(w, 3 * j) for w in range(3) for j in range(10)] + [(3, 0), (3, 3)]
+    return tuple(fields), derives, *_reads(positions, 3)
 
 
+@cache
 def layout(spec: KernelSpec, schedule: Schedule) -> Layout:
-    fields, derives, extracts = _codebook(spec.bits)
+    fields, derives, views, extracts = _codebook(spec.bits)
     chunk = len(extracts)
     return Layout(bits=spec.bits, rows=spec.rows, cols=spec.cols,
                   tile_rows=schedule.row_vectors * spec.vector_width,
                   group_chunks=-(-spec.group_size // chunk),
-                  fields=fields, derives=derives, extracts=extracts)
+                  fields=fields, derives=derives, views=views, extracts=extracts)
 
 
 def _tiled(a: np.ndarray, lay: Layout, cols: int) -> np.ndarray:

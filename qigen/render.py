@@ -8,7 +8,7 @@ from importlib import resources
 
 import jinja2
 
-from qigen.layout import Derive, Extract, layout
+from qigen.layout import Derive, Extract, View, layout
 from qigen.spec import KernelSpec, Schedule, SpecError, check
 
 
@@ -41,8 +41,9 @@ class KernelParams:
     groups: int
     group_size: int
     group_chunks: int
-    code_mask: int
+    shifts: tuple[int, ...]
     derives: tuple[Derive, ...]
+    views: tuple[View, ...]
     extracts: tuple[Extract, ...]
     prescale: tuple[str, ...]
 
@@ -86,8 +87,8 @@ def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
         tiles=lay.tiles, accumulators=schedule.accumulators, col_tile=schedule.col_tile,
         k_block=schedule.k_block, k_block_chunks=schedule.k_block // lay.chunk,
         chunk=lay.chunk, chunks=lay.chunks, words=lay.words, groups=lay.groups,
-        group_size=spec.group_size, group_chunks=lay.group_chunks, code_mask=(1 << spec.bits) - 1,
-        derives=lay.derives, extracts=lay.extracts,
+        group_size=spec.group_size, group_chunks=lay.group_chunks, shifts=tuple(sorted({e.shift for e in lay.extracts})),
+        derives=lay.derives, views=lay.views, extracts=lay.extracts,
         prescale=tuple(f"{float(v)!r}f" for v in lay.prescale()),
     )
 

@@ -104,12 +104,15 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
     if spec.kind == "gemv":
         if schedule.col_tile != 1 or schedule.k_block != 0:
             raise SpecError("a matrix-vector schedule has col_tile 1 and k_block 0")
-        if schedule.row_vectors * (schedule.accumulators + 2) + 1 > regs:
-            raise SpecError(f"schedule {schedule.tag()} needs more than the {regs} vector registers of {spec.isa}")
+        masks = len({e.mask for e in lay.extracts})
+        if schedule.row_vectors * schedule.accumulators + masks + 2 > regs:
+            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.accumulators} partial sums, "
+                            f"{masks} masks, a word and x need more than the {regs} vector registers of {spec.isa}")
     else:
         if schedule.accumulators != 1:
             raise SpecError("a matrix-matrix schedule accumulates in its col_tile × row_vectors registers: accumulators is 1")
         if schedule.k_block < 1 or schedule.k_block % lay.chunk:
             raise SpecError(f"k_block={schedule.k_block} is not a positive multiple of the {lay.chunk}-code packing chunk")
         if schedule.row_vectors * (schedule.col_tile + 1) + 1 > regs:
-            raise SpecError(f"schedule {schedule.tag()} needs more than the {regs} vector registers of {spec.isa}")
+            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.col_tile} accumulators, "
+                            f"the weights and x need more than the {regs} vector registers of {spec.isa}")

@@ -39,7 +39,8 @@ class Kernel:
                  threads: int | None = None) -> np.ndarray:
         """y = W·x (+ bias) for x of (cols,) or (n, cols); returns (rows,) or (n, rows) float32."""
         spec = self.spec
-        if weights.layout != layout(spec, self.schedule):
+        lay = layout(spec, self.schedule)
+        if weights.layout is not lay and weights.layout != lay:
             raise ValueError(f"weights were packed for another layout than {self.name}'s")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim not in (1, 2) or x.shape[-1] != spec.cols or x.size == 0:
