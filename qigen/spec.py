@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row
-ISAS = ("avx512", "avx2", "scalar")
+ISAS = ("avx512", "avx2", "scalar")  # best first
+ISA_FEATURES = {"avx512": ("avx512f", "avx512bw", "avx512vl", "f16c"), "avx2": ("avx2", "fma", "f16c"), "scalar": ()}
 SCALE_DTYPES = ("fp16", "fp32")
 FAMILIES = ("wq_f32",)  # weight-quantized, fp32 activations; int8 activations, LUT, KV-cache kernels come next
 MAX_BATCH = 512

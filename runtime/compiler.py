@@ -92,11 +92,12 @@ def _cached(so: Path, meta: Path) -> bool:
         return False
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -122,7 +123,7 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
             if r.returncode:
                 raise CompileError(f"{cc.path} failed on generated source ({' '.join(flags)}):\n{r.stderr[-4000:]}")
             os.replace(out, so)
-        _atomic_write(meta, json.dumps({"sha256": _sha256(so), "flags": flags, "compiler": cc.version}).encode())
+        atomic_write(meta, json.dumps({"sha256": _sha256(so), "flags": flags, "compiler": cc.version}).encode())
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise CompileError(f"cannot write to the cache directory {directory}: {e.strerror}; "

@@ -70,7 +70,7 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: 
     missing = requires - detect().features
     if missing:
         raise LoadError(f"{path} was built for a CPU with {', '.join(sorted(missing))}, which this CPU "
-                        f"({detect().name}) lacks; regenerate with --target native")
+                        f"({detect().name}) lacks; refusing to load it (regenerate with --target native)")
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     try:

@@ -1,0 +1,43 @@
+"""Measure the host's memory read bandwidth and keep it where the cost model finds it."""
+from __future__ import annotations
+
+import json
+import time
+from importlib import resources
+
+import cffi
+import numpy as np
+
+from perfmodel.host import Host, detect
+from runtime.compiler import atomic_write, cache_dir, compile
+
+PROBE_BYTES = 512 << 20
+
+
+def _path(host: Host):
+    return cache_dir() / f"bandwidth-{host.name}-{host.cores}c.json"
+
+
+def measure(threads: list[int] | None = None, reps: int = 5) -> dict[int, float]:
+    """Bytes/s read from DRAM with each thread count (default: 1 and all cores); stored for later runs."""
+    host = detect()
+    threads = threads or sorted({1, host.cores})
+    source = resources.files("templates").joinpath("bandwidth.c").read_text()
+    built = compile(source, host)
+    ffi = cffi.FFI()
+    ffi.cdef("double qigen_read_bandwidth(const float *a, size_t n, int threads, int reps);")
+    lib = ffi.dlopen(str(built.path))
+    a = np.ones(max(PROBE_BYTES, 8 * host.l3) // 4, dtype=np.float32)
+    ptr = ffi.cast("float *", ffi.from_buffer(a))
+    result = {t: lib.qigen_read_bandwidth(ptr, a.size, t, reps) for t in threads}
+    atomic_write(_path(host), json.dumps({"read_bytes_per_s": result, "measured_at": time.time()}, indent=1).encode())
+    return result
+
+
+def stored(host: Host) -> dict[int, float] | None:
+    """The last measurement for this host, or None if `qigen info --measure` has not run."""
+    try:
+        data = json.loads(_path(host).read_text())["read_bytes_per_s"]
+        return {int(t): float(v) for t, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
