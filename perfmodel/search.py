@@ -13,8 +13,8 @@ from qigen.spec import BITS, GROUPS, KernelSpec, Schedule, SpecError, check
 
 ROW_VECTORS = (1, 2, 3, 4)
 ACCUMULATORS = (1, 2, 3, 4)
-COL_TILES = (1, 2, 3, 4, 6, 8, 12)
-K_BLOCKS = (64, 128, 256, 512)
+COL_TILES = (2, 4, 6, 8)  # 1 is the matrix-vector kernel's job; wider spills on AVX2
+K_BLOCKS = (64, 128, 256)
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,22 @@ def schedules(spec: KernelSpec, threads: int) -> list[Schedule]:
     else:
         space = (Schedule(r, 1, n, kb, threads) for r, n, kb in itertools.product(ROW_VECTORS, COL_TILES, K_BLOCKS)
                  if kb < 2 * spec.cols)  # a block past twice the row only adds padding
-    legal = []
+    legal, broken = [], None
     for s in space:
         try:
             check(spec, s)
-        except SpecError:
+        except SpecError as e:
+            broken = e
             continue
         legal.append(s)
+    if not legal:
+        raise SpecError(f"no schedule of {spec.name} is legal: {broken}")
     return legal
 
 
 def rank(spec: KernelSpec, host: Host, measured: dict[int, float] | None, threads: int | None = None) -> list[Candidate]:
     threads = threads or host.cores
     found = [Candidate(s, predict(spec, s, host, measured)) for s in schedules(spec, threads)]
-    if not found:
-        raise SpecError(f"no schedule of {spec.name} fits the {spec.isa} registers")
     # ties go to the smaller tile: less padding, more even thread split
     return sorted(found, key=lambda c: (c.prediction.seconds, c.schedule.row_vectors, c.schedule.accumulators,
                                         c.schedule.col_tile, c.schedule.k_block))

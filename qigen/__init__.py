@@ -6,9 +6,16 @@
     w = k.quantize(weights)               # round-to-nearest into the kernel's packed layout
     y = k(x, w, threads=2)
 """
-from qigen.generate import KernelSet, Request, generate, load
-from qigen.quant import QuantizedWeights, dequantize, quantize, reference
-from qigen.spec import KernelSpec, Schedule, SpecError
+from importlib import import_module
 
-__all__ = ["KernelSet", "KernelSpec", "QuantizedWeights", "Request", "Schedule", "SpecError", "dequantize",
-           "generate", "load", "quantize", "reference"]
+# Lazy: perfmodel imports qigen.spec and qigen.layout, while qigen.pipeline imports perfmodel.
+_EXPORTS = {"KernelSet": "pipeline", "Request": "pipeline", "generate": "pipeline", "load": "pipeline",
+            "QuantizedWeights": "quant", "dequantize": "quant", "quantize": "quant", "reference": "quant",
+            "KernelSpec": "spec", "Schedule": "spec", "SpecError": "spec"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qigen' has no attribute '{name}'")
+    return getattr(import_module(f"qigen.{_EXPORTS[name]}"), name)

@@ -12,7 +12,7 @@ from perfmodel import bandwidth
 from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import HostError, from_target, known_targets
 from perfmodel.search import rank
-from qigen.generate import FREE, Request, best_isa, generate
+from qigen.pipeline import FREE, Request, best_isa, generate
 from qigen.spec import BITS, ISAS, KernelSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
@@ -83,8 +83,8 @@ def _generate(args: argparse.Namespace) -> dict:
             w = np.load(path)
         except (OSError, ValueError) as e:
             raise SpecError(f"cannot read weights {path}: {e}") from e
-        if w.ndim != 2:
-            raise SpecError(f"weights {path} have shape {w.shape}: a matrix is needed")
+        if w.ndim != 2 or not np.issubdtype(w.dtype, np.number) or not np.isfinite(w).all():
+            raise SpecError(f"weights {path} must be a finite numeric matrix (shape {w.shape}, dtype {w.dtype})")
         weights[w.shape] = w.astype(np.float32)
     shapes = tuple(args.shape or []) + tuple(s for s in weights if s not in (args.shape or []))
     request = Request(shapes=shapes, bits=args.bits or FREE, group={None: FREE, "row": None}.get(args.group, args.group),
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             result, show = info(args), print_info
         else:
             result, show = _generate(args), print_generate
-    except (SpecError, HostError, CompileError, LoadError) as e:
+    except (SpecError, HostError, CompileError, LoadError, OSError) as e:
         print(f"qigen: error: {e}", file=sys.stderr)
         return 2
     if args.json:

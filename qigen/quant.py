@@ -39,13 +39,15 @@ def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
     if spec.symmetric:
         hi = np.maximum(np.abs(lo), np.abs(hi))
         lo = -hi
-    scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(_storage(spec))
+    with np.errstate(over="ignore"):  # an overflow to inf is refused below
+        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(_storage(spec))
+        offsets = None if spec.symmetric else lo.astype(_storage(spec))
+    if not (np.isfinite(scale).all() and (offsets is None or np.isfinite(offsets).all())):
+        raise ValueError(f"weights exceed the range of {spec.scale_dtype} scales: use fp32 scales")
     s = scale.astype(np.float32)[:, :, None]
     if spec.symmetric:
         codes = np.rint(g / s) + (1 << (spec.bits - 1))
-        offsets = None
     else:
-        offsets = lo.astype(_storage(spec))
         codes = np.rint((g - offsets.astype(np.float32)[:, :, None]) / s)
     codes = np.clip(np.nan_to_num(codes), 0, top).astype(np.uint8)
     return QuantizedWeights(codes.reshape(spec.rows, -1)[:, : spec.cols], scale, offsets)

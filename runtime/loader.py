@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cffi
 import numpy as np
@@ -42,6 +43,14 @@ class Kernel:
         lay = layout(spec, self.schedule)
         if weights.layout is not lay and weights.layout != lay:
             raise ValueError(f"weights were packed for another layout than {self.name}'s")
+        stype = np.float16 if spec.scale_dtype == "fp16" else np.float32
+        groups = (lay.tiles, lay.groups, lay.tile_rows)
+        if (weights.words.dtype != np.uint32 or weights.words.shape != (lay.tiles, lay.chunks, lay.words, lay.tile_rows)
+                or weights.scales.dtype != stype or weights.scales.shape != groups
+                or (weights.offsets is None) != spec.symmetric
+                or (weights.offsets is not None and (weights.offsets.dtype != stype or weights.offsets.shape != groups))):
+            raise ValueError(f"weights are not in {self.name}'s format: {'no ' if spec.symmetric else ''}offsets and "
+                             f"{spec.scale_dtype} scales of shape {groups} expected; pack them with kernel.pack()")
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim not in (1, 2) or x.shape[-1] != spec.cols or x.size == 0:
             raise ValueError(f"x has shape {x.shape}: expected ({spec.cols},) or (n, {spec.cols}) with n >= 1")
@@ -49,7 +58,7 @@ class Kernel:
             bias = np.ascontiguousarray(bias, dtype=np.float32)
             if bias.shape != (spec.rows,):
                 raise ValueError(f"bias has shape {bias.shape}: expected ({spec.rows},)")
-        threads = threads or self.schedule.threads
+        threads = self.schedule.threads if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads={threads}: at least 1")
         n = 1 if x.ndim == 1 else x.shape[0]
@@ -74,7 +83,8 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: 
     ffi = cffi.FFI()
     ffi.cdef(cdef)
     try:
-        lib = ffi.dlopen(str(path))
+        # never unloaded: unloading would take OpenMP away from under its still-spinning worker threads
+        lib = ffi.dlopen(str(Path(path).resolve()), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     except OSError as e:
         raise LoadError(f"cannot open {path}: {e}") from e
     return {kernel_name(s, sch): Kernel(s, sch, getattr(lib, kernel_name(s, sch)), ffi) for s, sch in kernels}

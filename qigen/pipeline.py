@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import statistics
 import sys
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from perfmodel.search import Candidate, bits_per_weight, choose_format, rank
 from qigen.quant import relative_error
 from qigen.render import kernel_name, prototype, render
 from qigen.spec import ISA_FEATURES, ISAS, KernelSpec, Schedule, SpecError
-from runtime.compiler import atomic_write, build, compile
+from runtime.compiler import atomic_write, build, compile, stage
 from runtime.loader import Kernel, LoadError, load as load_library
 from runtime.timing import time_kernel
 
@@ -105,7 +104,9 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
         raise SpecError(f"--tune times kernels on this machine, so it needs --target native, not {request.target}")
     measured_bw = bandwidth.stored(host) if host.native else None
     isa = _isa(request, host)
-    threads = request.threads or host.cores
+    threads = host.cores if request.threads is None else request.threads
+    if threads < 1:
+        raise SpecError(f"threads={threads}: at least 1")
     specs, errors, ranked = [], [], []
     for rows, cols in dict.fromkeys(request.shapes):
         spec, err = _spec(request, rows, cols, isa, host, measured_bw)
@@ -122,8 +123,8 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
     source = render(pairs, host.name)
     built = compile(source.text, host)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.c").write_text(source.text)
-    shutil.copyfile(built.path, out / "kernels.so")
+    atomic_write(out / "kernels.c", source.text.encode())
+    atomic_write(out / "kernels.so", built.path.read_bytes())  # a process may have the old one open
     kernels = []
     for (spec, schedule), err, cands, t in zip(pairs, errors, ranked, measured):
         prediction = next(c.prediction for c in cands if c.schedule == schedule)
@@ -169,7 +170,9 @@ def load(path: str | Path) -> KernelSet:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise LoadError(f"{path} is not a qigen kernel set (manifest.json missing or invalid: {e})") from e
     so = path / lib["file"]
-    if not so.is_file() or hashlib.sha256(so.read_bytes()).hexdigest() != lib["sha256"]:
+    if so.is_file() and hashlib.sha256(so.read_bytes()).hexdigest() == lib["sha256"]:
+        so = stage(so)
+    else:
         source = (path / lib["source"]).read_text()
         if hashlib.sha256(source.encode()).hexdigest() != lib["source_sha256"]:
             raise LoadError(f"{path / lib['source']} does not match its manifest: regenerate the kernel set")

@@ -1,0 +1,152 @@
+"""Every kernel variant the search can emit matches the numpy oracle on random data.
+
+For each ISA, bits and kind (matrix-vector, matrix-matrix) the search's whole schedule space is
+crossed with every group size × symmetric/asymmetric × scale dtype and with ragged shapes: each
+kernel takes the next schedule and the next format, until both lists are covered. AVX-512 runs
+through SIMD Everywhere on hosts without it.
+"""
+import functools
+import itertools
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perfmodel.host import detect, from_target
+from perfmodel.search import schedules
+from qigen.layout import layout, pack_codes, unpack_codes
+from qigen.quant import dequantize, quantize, reference
+from qigen.render import kernel_name, render
+from qigen.spec import BITS, GROUPS, ISA_FEATURES, ISAS, KernelSpec, Schedule
+from runtime.compiler import build, compile, compiler, flags
+from runtime.loader import load
+
+# (rows, cols): rows and cols off every tile, one row, SmolLM2's 576 (no multiple of 128 or 256)
+SHAPES = [(37, 100), (1, 64), (19, 576), (40, 33), (9, 260)]
+FORMATS = list(itertools.product(GROUPS, (False, True), ("fp16", "fp32")))
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def variants(isa: str) -> list[tuple[KernelSpec, Schedule]]:
+    pairs = []
+    for bits, batch in itertools.product(BITS, (1, 4)):
+        space = schedules(KernelSpec(64, 576, bits, isa=isa, batch=batch), threads=2)
+        for i in range(max(len(space), len(FORMATS))):
+            group, sym, dtype = FORMATS[i % len(FORMATS)]
+            rows, cols = SHAPES[i % len(SHAPES)]
+            spec = KernelSpec(rows, cols, bits, group, sym, dtype, batch=batch, isa=isa)
+            pairs.append((spec, space[i % len(space)]))
+    return pairs
+
+
+@functools.cache
+def simde() -> bool:
+    """SIMD Everywhere's headers (Debian: libsimde-dev) emulate AVX-512 on CPUs without it."""
+    r = subprocess.run([compiler().path, "-x", "c", "-fsyntax-only", "-"], input="#include <simde/x86/avx512.h>\n",
+                       capture_output=True, text=True)
+    return r.returncode == 0
+
+
+def runnable(isa: str) -> bool:
+    return detect().has(*ISA_FEATURES[isa]) or (isa == "avx512" and simde())
+
+
+def skip_reason(isa: str) -> str:
+    return f"this CPU lacks {isa}" + (" and SIMDE is not installed (apt-get install libsimde-dev)" if isa == "avx512" else "")
+
+
+@pytest.fixture(scope="module")
+def libraries(kernel_cache):
+    """One library per ISA, compiled side by side."""
+    def one(isa):
+        pairs = variants(isa)
+        source = render(pairs, "native")
+        emulate = isa == "avx512" and not detect().has(*ISA_FEATURES["avx512"])
+        built = compile(source.text, detect(), emulate=emulate)
+        return isa, load(built.path, source.cdef, pairs, built.requires)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(one, [isa for isa in ISAS if runnable(isa)]))
+
+
+def _params():
+    for isa in ISAS:
+        marks = [] if runnable(isa) else [pytest.mark.skip(reason=skip_reason(isa))]
+        for spec, schedule in variants(isa):
+            yield pytest.param(isa, spec, schedule, id=kernel_name(spec, schedule), marks=marks)
+
+
+@pytest.mark.parametrize("isa,spec,schedule", list(_params()))
+def test_kernel_matches_reference(libraries, isa, spec, schedule):
+    kernel = libraries[isa][kernel_name(spec, schedule)]
+    rng = np.random.default_rng(abs(hash(kernel.name)) % 2**32)
+    w = rng.standard_normal((spec.rows, spec.cols)).astype(np.float32)
+    q = quantize(w, spec)
+    packed = kernel.pack(q)
+    bias = rng.standard_normal(spec.rows).astype(np.float32)
+    magnitude = np.abs(dequantize(q, spec)).T  # fp32 rounding scales with the sum of |terms|
+    for n in (1, 2, schedule.col_tile + 1, 7):
+        x = rng.standard_normal((n, spec.cols)).astype(np.float32)
+        for b in (None, bias):
+            got = kernel(x, packed, bias=b, threads=2)
+            np.testing.assert_allclose(got, reference(x, q, spec, b), rtol=0,
+                                       atol=2e-6 * (np.abs(x) @ magnitude).max() + 1e-6, err_msg=f"n={n}")
+    vec = rng.standard_normal(spec.cols).astype(np.float32)
+    np.testing.assert_allclose(kernel(vec, packed, threads=1), reference(vec, q, spec), rtol=0,
+                               atol=2e-6 * (np.abs(vec) @ magnitude).max())
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows,cols", [(37, 100), (1, 1), (64, 576)])
+@pytest.mark.parametrize("row_vectors", [1, 3])
+def test_packing_round_trips(bits, rows, cols, row_vectors):
+    lay = layout(KernelSpec(rows, cols, bits), Schedule(row_vectors=row_vectors, accumulators=1))
+    codes = np.random.default_rng(bits).integers(0, 1 << bits, (rows, cols), dtype=np.uint8)
+    words = pack_codes(codes, lay)
+    assert words.dtype == np.uint32 and words.size == lay.packed_words
+    np.testing.assert_array_equal(unpack_codes(words, lay), codes)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_packed_size_is_bits_per_weight(bits):
+    lay = layout(KernelSpec(64, 4096, bits), Schedule())
+    assert lay.packed_words * 32 == 64 * 4096 * bits
+
+
+def test_quantization_error_falls_with_bits_and_group():
+    w = np.random.default_rng(0).standard_normal((64, 576)).astype(np.float32)
+    from qigen.quant import relative_error
+
+    errors = [relative_error(w, KernelSpec(64, 576, b, 128)) for b in BITS]
+    assert errors == sorted(errors, reverse=True)
+    assert relative_error(w, KernelSpec(64, 576, 4, 32)) < relative_error(w, KernelSpec(64, 576, 4, None))
+
+
+GOLDEN_KERNELS = {
+    "gemv_q4_g128_avx2.c": (KernelSpec(4096, 4096, 4, 128, isa="avx2"), Schedule(2, 2, threads=2)),
+    "gemm_q3_g32_sym_avx512.c": (KernelSpec(11008, 4096, 3, 32, True, "fp32", batch=64, isa="avx512"),
+                                 Schedule(2, 1, 6, 128, threads=2)),
+    "gemv_q2_grow_scalar.c": (KernelSpec(37, 100, 2, None, isa="scalar"), Schedule(4, 2, threads=1)),
+}
+
+
+@pytest.mark.parametrize("file", GOLDEN_KERNELS)
+def test_rendered_source_matches_golden(file):
+    """A refactor that changes generated code shows up here; QIGEN_UPDATE_GOLDEN=1 rewrites the files."""
+    text = render([GOLDEN_KERNELS[file]], "golden").text
+    if os.environ.get("QIGEN_UPDATE_GOLDEN"):
+        (GOLDEN / file).write_text(text)
+    assert text == (GOLDEN / file).read_text()
+
+
+def test_native_avx512_source_builds():
+    """The real AVX-512 intrinsics (not SIMDE) compile for an AVX-512 target."""
+    target = from_target("skylake-avx512")
+    pairs = [(KernelSpec(37, 100, b, 32, isa="avx512", batch=batch), s)
+             for b in BITS for batch, s in ((1, Schedule(2, 2)), (8, Schedule(2, 1, 6, 64)))]
+    built = build(render(pairs, target.name).text, flags(target))
+    assert built.path.stat().st_size > 0
+    assert "-march=skylake-avx512" in built.flags
