@@ -114,6 +114,6 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
             raise SpecError("a matrix-matrix schedule accumulates in its col_tile × row_vectors registers: accumulators is 1")
         if schedule.k_block < 1 or schedule.k_block % lay.chunk:
             raise SpecError(f"k_block={schedule.k_block} is not a positive multiple of the {lay.chunk}-code packing chunk")
-        if schedule.row_vectors * (schedule.col_tile + 1) + 1 > regs:
+        if schedule.row_vectors * (schedule.col_tile + 1) + 2 > regs:
             raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.col_tile} accumulators, "
-                            f"the weights and x need more than the {regs} vector registers of {spec.isa}")
+                            f"the weights, x and a spare need more than the {regs} vector registers of {spec.isa}")

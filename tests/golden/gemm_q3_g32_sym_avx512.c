@@ -51,186 +51,14 @@ static inline vf vi_to_vf(vi a) { return _mm512_cvtepi32_ps(a); }
 #endif
 
 
+/* 64-byte aligned scratch: a vector load that splits a cache line costs two */
+static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 /* gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128: Y = X·Wᵀ (+ bias), X of n x 4096, 3-bit W of 11008x4096, schedule r2a1n6kb128.
    Per tile of 32 rows and block of 128 inputs: dequantize W into an fp32 buffer,
-   then a 32x6 register micro-kernel runs over all n columns of X. */
+   then a 32x6 register micro-kernel runs over all n columns of X, packed in panels. */
 
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk1(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
-{
-    vf a0_0 = vf_load(yb + 0);
-    vf a0_1 = vf_load(yb + 16);
-    for (int i = 0; i < klen; i++) {
-        vf w0 = vf_load(wb + i * 32 + 0);
-        vf w1 = vf_load(wb + i * 32 + 16);
-        {
-            vf xb = vf_set1(x[0 + i]);
-            a0_0 = vf_fma(w0, xb, a0_0);
-            a0_1 = vf_fma(w1, xb, a0_1);
-        }
-    }
-    vf_store(yb + 0, a0_0);
-    vf_store(yb + 16, a0_1);
-}
-
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk2(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
-{
-    vf a0_0 = vf_load(yb + 0);
-    vf a0_1 = vf_load(yb + 16);
-    vf a1_0 = vf_load(yb + 32);
-    vf a1_1 = vf_load(yb + 48);
-    for (int i = 0; i < klen; i++) {
-        vf w0 = vf_load(wb + i * 32 + 0);
-        vf w1 = vf_load(wb + i * 32 + 16);
-        {
-            vf xb = vf_set1(x[0 + i]);
-            a0_0 = vf_fma(w0, xb, a0_0);
-            a0_1 = vf_fma(w1, xb, a0_1);
-        }
-        {
-            vf xb = vf_set1(x[4096 + i]);
-            a1_0 = vf_fma(w0, xb, a1_0);
-            a1_1 = vf_fma(w1, xb, a1_1);
-        }
-    }
-    vf_store(yb + 0, a0_0);
-    vf_store(yb + 16, a0_1);
-    vf_store(yb + 32, a1_0);
-    vf_store(yb + 48, a1_1);
-}
-
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk3(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
-{
-    vf a0_0 = vf_load(yb + 0);
-    vf a0_1 = vf_load(yb + 16);
-    vf a1_0 = vf_load(yb + 32);
-    vf a1_1 = vf_load(yb + 48);
-    vf a2_0 = vf_load(yb + 64);
-    vf a2_1 = vf_load(yb + 80);
-    for (int i = 0; i < klen; i++) {
-        vf w0 = vf_load(wb + i * 32 + 0);
-        vf w1 = vf_load(wb + i * 32 + 16);
-        {
-            vf xb = vf_set1(x[0 + i]);
-            a0_0 = vf_fma(w0, xb, a0_0);
-            a0_1 = vf_fma(w1, xb, a0_1);
-        }
-        {
-            vf xb = vf_set1(x[4096 + i]);
-            a1_0 = vf_fma(w0, xb, a1_0);
-            a1_1 = vf_fma(w1, xb, a1_1);
-        }
-        {
-            vf xb = vf_set1(x[8192 + i]);
-            a2_0 = vf_fma(w0, xb, a2_0);
-            a2_1 = vf_fma(w1, xb, a2_1);
-        }
-    }
-    vf_store(yb + 0, a0_0);
-    vf_store(yb + 16, a0_1);
-    vf_store(yb + 32, a1_0);
-    vf_store(yb + 48, a1_1);
-    vf_store(yb + 64, a2_0);
-    vf_store(yb + 80, a2_1);
-}
-
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk4(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
-{
-    vf a0_0 = vf_load(yb + 0);
-    vf a0_1 = vf_load(yb + 16);
-    vf a1_0 = vf_load(yb + 32);
-    vf a1_1 = vf_load(yb + 48);
-    vf a2_0 = vf_load(yb + 64);
-    vf a2_1 = vf_load(yb + 80);
-    vf a3_0 = vf_load(yb + 96);
-    vf a3_1 = vf_load(yb + 112);
-    for (int i = 0; i < klen; i++) {
-        vf w0 = vf_load(wb + i * 32 + 0);
-        vf w1 = vf_load(wb + i * 32 + 16);
-        {
-            vf xb = vf_set1(x[0 + i]);
-            a0_0 = vf_fma(w0, xb, a0_0);
-            a0_1 = vf_fma(w1, xb, a0_1);
-        }
-        {
-            vf xb = vf_set1(x[4096 + i]);
-            a1_0 = vf_fma(w0, xb, a1_0);
-            a1_1 = vf_fma(w1, xb, a1_1);
-        }
-        {
-            vf xb = vf_set1(x[8192 + i]);
-            a2_0 = vf_fma(w0, xb, a2_0);
-            a2_1 = vf_fma(w1, xb, a2_1);
-        }
-        {
-            vf xb = vf_set1(x[12288 + i]);
-            a3_0 = vf_fma(w0, xb, a3_0);
-            a3_1 = vf_fma(w1, xb, a3_1);
-        }
-    }
-    vf_store(yb + 0, a0_0);
-    vf_store(yb + 16, a0_1);
-    vf_store(yb + 32, a1_0);
-    vf_store(yb + 48, a1_1);
-    vf_store(yb + 64, a2_0);
-    vf_store(yb + 80, a2_1);
-    vf_store(yb + 96, a3_0);
-    vf_store(yb + 112, a3_1);
-}
-
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk5(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
-{
-    vf a0_0 = vf_load(yb + 0);
-    vf a0_1 = vf_load(yb + 16);
-    vf a1_0 = vf_load(yb + 32);
-    vf a1_1 = vf_load(yb + 48);
-    vf a2_0 = vf_load(yb + 64);
-    vf a2_1 = vf_load(yb + 80);
-    vf a3_0 = vf_load(yb + 96);
-    vf a3_1 = vf_load(yb + 112);
-    vf a4_0 = vf_load(yb + 128);
-    vf a4_1 = vf_load(yb + 144);
-    for (int i = 0; i < klen; i++) {
-        vf w0 = vf_load(wb + i * 32 + 0);
-        vf w1 = vf_load(wb + i * 32 + 16);
-        {
-            vf xb = vf_set1(x[0 + i]);
-            a0_0 = vf_fma(w0, xb, a0_0);
-            a0_1 = vf_fma(w1, xb, a0_1);
-        }
-        {
-            vf xb = vf_set1(x[4096 + i]);
-            a1_0 = vf_fma(w0, xb, a1_0);
-            a1_1 = vf_fma(w1, xb, a1_1);
-        }
-        {
-            vf xb = vf_set1(x[8192 + i]);
-            a2_0 = vf_fma(w0, xb, a2_0);
-            a2_1 = vf_fma(w1, xb, a2_1);
-        }
-        {
-            vf xb = vf_set1(x[12288 + i]);
-            a3_0 = vf_fma(w0, xb, a3_0);
-            a3_1 = vf_fma(w1, xb, a3_1);
-        }
-        {
-            vf xb = vf_set1(x[16384 + i]);
-            a4_0 = vf_fma(w0, xb, a4_0);
-            a4_1 = vf_fma(w1, xb, a4_1);
-        }
-    }
-    vf_store(yb + 0, a0_0);
-    vf_store(yb + 16, a0_1);
-    vf_store(yb + 32, a1_0);
-    vf_store(yb + 48, a1_1);
-    vf_store(yb + 64, a2_0);
-    vf_store(yb + 80, a2_1);
-    vf_store(yb + 96, a3_0);
-    vf_store(yb + 112, a3_1);
-    vf_store(yb + 128, a4_0);
-    vf_store(yb + 144, a4_1);
-}
-
-static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk6(const float *restrict wb, const float *restrict x, int klen, float *restrict yb)
+static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk(const float *restrict wb, const float *restrict xp, int klen, float *restrict yb)
 {
     vf a0_0 = vf_load(yb + 0);
     vf a0_1 = vf_load(yb + 16);
@@ -248,32 +76,32 @@ static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk6(const float 
         vf w0 = vf_load(wb + i * 32 + 0);
         vf w1 = vf_load(wb + i * 32 + 16);
         {
-            vf xb = vf_set1(x[0 + i]);
+            vf xb = vf_set1(xp[i * 6 + 0]);
             a0_0 = vf_fma(w0, xb, a0_0);
             a0_1 = vf_fma(w1, xb, a0_1);
         }
         {
-            vf xb = vf_set1(x[4096 + i]);
+            vf xb = vf_set1(xp[i * 6 + 1]);
             a1_0 = vf_fma(w0, xb, a1_0);
             a1_1 = vf_fma(w1, xb, a1_1);
         }
         {
-            vf xb = vf_set1(x[8192 + i]);
+            vf xb = vf_set1(xp[i * 6 + 2]);
             a2_0 = vf_fma(w0, xb, a2_0);
             a2_1 = vf_fma(w1, xb, a2_1);
         }
         {
-            vf xb = vf_set1(x[12288 + i]);
+            vf xb = vf_set1(xp[i * 6 + 3]);
             a3_0 = vf_fma(w0, xb, a3_0);
             a3_1 = vf_fma(w1, xb, a3_1);
         }
         {
-            vf xb = vf_set1(x[16384 + i]);
+            vf xb = vf_set1(xp[i * 6 + 4]);
             a4_0 = vf_fma(w0, xb, a4_0);
             a4_1 = vf_fma(w1, xb, a4_1);
         }
         {
-            vf xb = vf_set1(x[20480 + i]);
+            vf xb = vf_set1(xp[i * 6 + 5]);
             a5_0 = vf_fma(w0, xb, a5_0);
             a5_1 = vf_fma(w1, xb, a5_1);
         }
@@ -296,21 +124,34 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
 {
     const float *scales = scales_;
     const float *offsets = offsets_;
-    float *wbuf = malloc(sizeof(float) * 4096 * threads);
-    float *ybuf = malloc(sizeof(float) * 32 * (size_t)n * threads);
-    if (!wbuf || !ybuf) {
+    int panels = (n + 5) / 6;
+    size_t ycols = (size_t)panels * 6;
+    /* 64-byte aligned: a vector load that splits a cache line costs two */
+    float *wbuf = qigen_alloc(sizeof(float) * 4096 * threads);
+    float *ybuf = qigen_alloc(sizeof(float) * 32 * ycols * threads);
+    float *xp = qigen_alloc(sizeof(float) * 4096 * ycols);
+    if (!wbuf || !ybuf || !xp) {
         free(wbuf);
         free(ybuf);
+        free(xp);
         return -1;
     }
+    /* X in panels of 6 columns, k-major, zero-padded: the micro-kernel reads it in order */
+#pragma omp parallel for num_threads(threads)
+    for (int p = 0; p < panels; p++)
+        for (int i = 0; i < 4096; i++)
+            for (int j = 0; j < 6; j++) {
+                int col = p * 6 + j;
+                xp[((size_t)p * 4096 + i) * 6 + j] = col < n ? x[(size_t)col * 4096 + i] : 0.0f;
+            }
 #pragma omp parallel num_threads(threads)
     {
         float *wb = wbuf + (size_t)omp_get_thread_num() * 4096;
-        float *yb = ybuf + (size_t)omp_get_thread_num() * 32 * n;
-#pragma omp for schedule(static)
+        float *yb = ybuf + (size_t)omp_get_thread_num() * 32 * ycols;
+#pragma omp for schedule(guided)
         for (int t = 0; t < 344; t++) {
             const uint32_t *wt = w + (size_t)t * 12288;
-            memset(yb, 0, sizeof(float) * 32 * n);
+            memset(yb, 0, sizeof(float) * 32 * ycols);
             for (int c0 = 0; c0 < 128; c0 += 4) {
                 int c1 = c0 + 4 < 128 ? c0 + 4 : 128;
                 /* dequantize codes c0*chunk .. c1*chunk of the tile's rows: wb[i][row] = scale·code + offset */
@@ -499,30 +340,10 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
                                  vf_fma(vi_to_vf(vi_and(v1_9, vi_set1(0x38u))), s3, o));
                     }
                 }
-                const float *xb = x + c0 * 32;
                 int klen = (c1 * 32 < 4096 ? c1 * 32 : 4096) - c0 * 32;
-                int j = 0;
-                for (; j + 6 <= n; j += 6)
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk6(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                switch (n - j) {
-                case 1:
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk1(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                    break;
-                case 2:
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk2(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                    break;
-                case 3:
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk3(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                    break;
-                case 4:
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk4(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                    break;
-                case 5:
-                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk5(wb, xb + (size_t)j * 4096, klen, yb + (size_t)j * 32);
-                    break;
-                default:
-                    break;
-                }
+                for (int p = 0; p < panels; p++)
+                    gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk(wb, xp + ((size_t)p * 4096 + c0 * 32) * 6, klen,
+                                    yb + (size_t)p * 192);
             }
             int r1 = 11008 - t * 32 < 32 ? 11008 - t * 32 : 32;
             for (int j = 0; j < n; j++)
@@ -533,6 +354,7 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
     }
     free(wbuf);
     free(ybuf);
+    free(xp);
     return 0;
 }
 

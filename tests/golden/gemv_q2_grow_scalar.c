@@ -30,6 +30,9 @@ static inline vi vi_or(vi a, vi b) { return a | b; }
 static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
 
 
+/* 64-byte aligned scratch: a vector load that splits a cache line costs two */
+static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 /* gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 2-bit W of 37x100, schedule r4a2n1kb0.
    Tiles of 4 rows, one SIMD lane per row; 2 partial sums per row vector. */
 int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
@@ -37,7 +40,7 @@ int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const voi
     const uint16_t *scales = scales_;
     const uint16_t *offsets = offsets_;
     static const float prescale[16] = { 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f };
-    float *xs = malloc(sizeof(float) * (112 + 1));
+    float *xs = qigen_alloc(sizeof(float) * (112 + 1));
     if (!xs)
         return -1;
     float *xsum = xs + 112;
@@ -58,7 +61,7 @@ int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const voi
                 s += xj[i];
             xsum[g] = s;
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(guided)
         for (int t = 0; t < 10; t++) {
             const uint32_t *wt = w + (size_t)t * 28;
             vf acc0 = vf_zero();

@@ -24,6 +24,9 @@ static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 
 
+/* 64-byte aligned scratch: a vector load that splits a cache line costs two */
+static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
+
 /* gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 4096x4096, schedule r2a2n1kb0.
    Tiles of 16 rows, one SIMD lane per row; 2 partial sums per row vector. */
 int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
@@ -31,7 +34,7 @@ int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const vo
     const uint16_t *scales = scales_;
     const uint16_t *offsets = offsets_;
     static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
-    float *xs = malloc(sizeof(float) * (4096 + 32));
+    float *xs = qigen_alloc(sizeof(float) * (4096 + 32));
     if (!xs)
         return -1;
     float *xsum = xs + 4096;
@@ -52,7 +55,7 @@ int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const vo
                 s += xj[i];
             xsum[g] = s;
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(guided)
         for (int t = 0; t < 256; t++) {
             const uint32_t *wt = w + (size_t)t * 8192;
             vf acc0 = vf_zero();
