@@ -94,7 +94,8 @@ def predict(spec: KernelSpec, schedule: Schedule, host: Host, measured: dict[int
     bw = bandwidth(host, threads, measured)
     busy = -(-lay.tiles // threads) / lay.tiles  # share of the tiles on the busiest thread
     if spec.kind == "gemv":
-        cycles = lay.tiles * lay.chunks * _chunk_cycles_gemv(spec, schedule) * n
+        group_end = schedule.row_vectors * (schedule.accumulators + 5) / ISSUE[spec.isa]  # sum, scale, offset
+        cycles = lay.tiles * (lay.chunks * _chunk_cycles_gemv(spec, schedule) + lay.groups * group_end) * n
     else:
         cycles = _gemm_cycles(spec, schedule, host, n)
     compute = cycles * busy / (host.freq_hz or ASSUMED_CLOCK)

@@ -46,9 +46,9 @@ def schedules(spec: KernelSpec, threads: int) -> list[Schedule]:
 def rank(spec: KernelSpec, host: Host, measured: dict[int, float] | None, threads: int | None = None) -> list[Candidate]:
     threads = threads or host.cores
     found = [Candidate(s, predict(spec, s, host, measured)) for s in schedules(spec, threads)]
-    # ties go to the smaller tile: less padding, more even thread split
-    return sorted(found, key=lambda c: (c.prediction.seconds, c.schedule.row_vectors, c.schedule.accumulators,
-                                        c.schedule.col_tile, c.schedule.k_block))
+    # ties go to more independent sums, then the smaller tile: less padding, more even thread split
+    return sorted(found, key=lambda c: (c.prediction.seconds, -c.schedule.row_vectors * c.schedule.accumulators,
+                                        c.schedule.row_vectors, c.schedule.col_tile, c.schedule.k_block))
 
 
 def formats(bits: int | None, group: int | None | str) -> list[tuple[int, int | None]]:

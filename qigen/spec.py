@@ -106,9 +106,11 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
         if schedule.col_tile != 1 or schedule.k_block != 0:
             raise SpecError("a matrix-vector schedule has col_tile 1 and k_block 0")
         masks = len({e.mask for e in lay.extracts})
-        if schedule.row_vectors * schedule.accumulators + masks + 2 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.accumulators} partial sums, "
-                            f"{masks} masks, a word and x need more than the {regs} vector registers of {spec.isa}")
+        words = lay.words + bool(lay.derives)  # live per row vector while its chunk is read
+        r, a = schedule.row_vectors, schedule.accumulators
+        if r * (a + words) + masks + 2 > regs:
+            raise SpecError(f"schedule {schedule.tag()}: {r}x{a} partial sums, {r}x{words} words, {masks} masks, "
+                            f"a view and x need more than the {regs} vector registers of {spec.isa}")
     else:
         if schedule.accumulators != 1:
             raise SpecError("a matrix-matrix schedule accumulates in its col_tile × row_vectors registers: accumulators is 1")

@@ -74,7 +74,7 @@ def test_spec_error_is_a_value_error():
 
 
 def test_gemv_schedule_beyond_the_registers():
-    with pytest.raises(SpecError, match=r"r8a4n1kb0: 8x4 partial sums, 4 masks.*16 vector registers of avx2"):
+    with pytest.raises(SpecError, match=r"r8a4n1kb0: 8x4 partial sums, 8x1 words, 4 masks.*16 vector registers of avx2"):
         check(KernelSpec(64, 128, 4, isa="avx2"), Schedule(row_vectors=8, accumulators=4))
     check(KernelSpec(64, 128, 4, isa="avx512"), Schedule(row_vectors=4, accumulators=4))  # 32 registers: fits
 
