@@ -1,7 +1,10 @@
 """qigen: quantized CPU kernels generated for the CPU they run on.
 
     import qigen
-    ks = qigen.load("build/k")            # a directory written by `qigen generate`
+    model = qigen.load()                  # SmolLM2-135M-Instruct, 4-bit, kernels for this CPU
+    print("".join(model.generate("Write a haiku about caches")))
+
+    ks = qigen.load("build/k")            # a kernel set written by `qigen generate`
     k = ks.find(4096, 4096)
     w = k.quantize(weights)               # round-to-nearest into the kernel's packed layout
     y = k(x, w, threads=2)
@@ -9,7 +12,7 @@
 from importlib import import_module
 
 # Lazy: perfmodel imports qigen.spec and qigen.layout, while qigen.pipeline imports perfmodel.
-_EXPORTS = {"KernelSet": "pipeline", "Request": "pipeline", "generate": "pipeline", "load": "pipeline",
+_EXPORTS = {"KernelSet": "pipeline", "Request": "pipeline", "generate": "pipeline", "load": "llm", "load_model": "llm", "quantize_model": "llm",
             "QuantizedWeights": "quant", "dequantize": "quant", "quantize": "quant", "reference": "quant",
             "KernelSpec": "spec", "Schedule": "spec", "SpecError": "spec"}
 __all__ = sorted(_EXPORTS)

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from perfmodel import bandwidth
 from perfmodel.cost import bandwidth as model_bandwidth
-from perfmodel.host import HostError, from_target, known_targets
+from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
 from qigen.spec import BITS, ISAS, KernelSpec, SpecError
@@ -108,6 +110,82 @@ def print_generate(m: dict) -> None:
         print("note       bandwidth not measured: predictions assume a default; run `qigen info --measure`")
 
 
+def _quant(args: argparse.Namespace):
+    """The spec a GGUF / Hugging Face model is quantized with on load (None: run it in fp32)."""
+    from runtime.model import QuantSpec
+
+    if args.fp32:
+        return None
+    return QuantSpec(bits=args.bits or 4, group=_model_group(args.group))
+
+
+def _model_group(group: int | str | None) -> int | None:
+    return 128 if group is None else None if group == "row" else group
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from qigen.llm import load_model
+    from runtime.model import Stats
+
+    model = load_model(args.model, _quant(args), args.threads)
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   seed=args.seed, context=args.ctx)
+    if not args.chat:
+        if args.prompt is None:
+            raise ValueError("give --prompt TEXT, or --chat for a conversation")
+        stats, pieces = Stats(), []
+        for piece in model.generate(args.prompt, stats=stats, **options):
+            pieces.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
+        return {"text": "".join(pieces), **stats.to_dict(), "peak_memory_mb": _peak_mb()}
+    messages, stats = [], Stats()
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return {"turns": len(messages) // 2, **stats.to_dict(), "peak_memory_mb": _peak_mb()}
+        messages.append({"role": "user", "content": line})
+        stats, pieces = Stats(), []
+        for piece in model.generate(model.tokenizer.chat(messages), stats=stats, **options):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def print_run(r: dict) -> None:
+    print(f"\n[{r['prompt_tokens']} prompt tokens at {r['prompt_tokens_per_s']:.1f}/s; {r['generated_tokens']} generated "
+          f"at {r['decode_tokens_per_s']:.1f}/s ({r['ms_per_token']:.1f} ms/token); stopped: {r['stop']}; "
+          f"peak memory {r['peak_memory_mb']:.0f} MB]", file=sys.stderr)
+
+
+def _quantize(args: argparse.Namespace) -> dict:
+    from qigen.llm import quantize_model
+    from runtime.model import QuantSpec
+
+    calib = Path(args.calib).read_text() if args.calib else None
+    quant = QuantSpec(bits=args.bits or 4, group=_model_group(args.group), symmetric=args.sym, method=args.method)
+    out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
+    return {"file": str(out), "bytes": out.stat().st_size, "quant": asdict(quant)}
+
+
+def _perplexity(args: argparse.Namespace) -> dict:
+    from qigen.llm import load_model
+
+    model = load_model(args.model, _quant(args), args.threads)
+    text = Path(args.text).read_text()
+    ppl, scored = model.perplexity(text, args.ctx, args.all_tokens)
+    return {"perplexity": ppl, "tokens_scored": scored, "ctx": args.ctx,
+            "scored": "all tokens after the first of each window" if args.all_tokens
+            else "second half of each window (as llama.cpp)"}
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qigen", description="Generate quantized CPU kernels for this or a named CPU.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,17 +211,51 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--out", required=True, help="output directory")
     g.add_argument("--quiet", action="store_true", help="no progress on stderr")
     g.add_argument("--json", action="store_true", help="print the manifest as JSON on stdout")
+
+    def model_options(c: argparse.ArgumentParser, default_help: str) -> None:
+        c.add_argument("model", nargs="?", help=default_help)
+        c.add_argument("--bits", type=int, choices=BITS, help="quantize a GGUF / HF model on load (default 4)")
+        c.add_argument("--group", type=_group, help="group size for on-load quantization (default 128)")
+        c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
+        c.add_argument("--threads", type=int, help="threads (default: all cores)")
+        c.add_argument("--json", action="store_true", help="one JSON object on stdout")
+
+    default = "a .qigen file, a .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct)"
+    r = sub.add_parser("run", help="generate text with a model")
+    model_options(r, default)
+    r.add_argument("--prompt", help="the prompt")
+    r.add_argument("--chat", action="store_true", help="interactive conversation with the model's chat template")
+    r.add_argument("--max-tokens", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--ctx", type=int, help="context length (default: the model's)")
+    q = sub.add_parser("quantize", help="quantize a model into one .qigen file")
+    q.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--bits", type=int, choices=BITS)
+    q.add_argument("--group", type=_group)
+    q.add_argument("--sym", action="store_true")
+    q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    q.add_argument("--calib", help="calibration text file (GPTQ)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on)")
+    q.add_argument("-o", "--out", required=True, help="output .qigen file")
+    q.add_argument("--json", action="store_true")
+    pp = sub.add_parser("perplexity", help="perplexity of a model on a text")
+    model_options(pp, default)
+    pp.add_argument("--text", required=True, help="a UTF-8 text file")
+    pp.add_argument("--ctx", type=int, default=512, help="tokens per window")
+    pp.add_argument("--all-tokens", action="store_true", help="score every token, not the second half of windows")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "info":
-            result, show = info(args), print_info
-        else:
-            result, show = _generate(args), print_generate
-    except (SpecError, HostError, CompileError, LoadError, OSError) as e:
+        command, show = COMMANDS[args.command]
+        result = command(args)
+    except (ValueError, CompileError, LoadError, OSError) as e:  # SpecError, HostError, CheckpointError are ValueErrors
         print(f"qigen: error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -151,6 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         show(result)
     return 0
+
+
+def print_quantize(r: dict) -> None:
+    print(f"wrote {r['file']} ({r['bytes'] / 1e6:.1f} MB)")
+
+
+def print_perplexity(r: dict) -> None:
+    print(f"perplexity {r['perplexity']:.3f} over {r['tokens_scored']} tokens, windows of {r['ctx']}, "
+          f"scoring the {r['scored']}")
+
+
+COMMANDS = {"info": (info, print_info), "generate": (_generate, print_generate), "run": (_run, print_run),
+            "quantize": (_quantize, print_quantize), "perplexity": (_perplexity, print_perplexity)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Load a compiled library through cffi and call its kernels on numpy arrays."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class Kernel:
     def __call__(self, x: np.ndarray, weights: PackedWeights, bias: np.ndarray | None = None,
                  threads: int | None = None) -> np.ndarray:
         """y = W·x (+ bias) for x of (cols,) or (n, cols); returns (rows,) or (n, rows) float32."""
+        return self.bind(weights, bias)(x, threads)
+
+    def bind(self, weights: PackedWeights, bias: np.ndarray | None = None) -> Callable[..., np.ndarray]:
+        """Check the weights once; the returned f(x, threads=None) is the fast path of inference loops."""
         spec = self.spec
         lay = layout(spec, self.schedule)
         if weights.layout is not lay and weights.layout != lay:
@@ -51,27 +56,33 @@ class Kernel:
                 or (weights.offsets is not None and (weights.offsets.dtype != stype or weights.offsets.shape != groups))):
             raise ValueError(f"weights are not in {self.name}'s format: {'no ' if spec.symmetric else ''}offsets and "
                              f"{spec.scale_dtype} scales of shape {groups} expected; pack them with kernel.pack()")
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim not in (1, 2) or x.shape[-1] != spec.cols or x.size == 0:
-            raise ValueError(f"x has shape {x.shape}: expected ({spec.cols},) or (n, {spec.cols}) with n >= 1")
         if bias is not None:
             bias = np.ascontiguousarray(bias, dtype=np.float32)
             if bias.shape != (spec.rows,):
                 raise ValueError(f"bias has shape {bias.shape}: expected ({spec.rows},)")
-        threads = self.schedule.threads if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"threads={threads}: at least 1")
-        n = 1 if x.ndim == 1 else x.shape[0]
-        y = np.empty(x.shape[:-1] + (spec.rows,), dtype=np.float32)
-        ffi = self._ffi
-        buf = ffi.from_buffer
-        status = self._fn(ffi.cast("uint32_t *", buf(weights.words)), buf(weights.scales),
-                          ffi.NULL if weights.offsets is None else buf(weights.offsets),
-                          ffi.NULL if bias is None else ffi.cast("float *", buf(bias)),
-                          ffi.cast("float *", buf(x)), ffi.cast("float *", buf(y, require_writable=True)), n, threads)
-        if status:
-            raise MemoryError(f"{self.name}: out of memory for its work buffers")
-        return y
+        ffi, fn, default_threads = self._ffi, self._fn, self.schedule.threads
+        kept = (weights, bias)  # the pointers below borrow these arrays' memory
+        args = (ffi.cast("uint32_t *", ffi.from_buffer(weights.words)), ffi.from_buffer(weights.scales),
+                ffi.NULL if weights.offsets is None else ffi.from_buffer(weights.offsets),
+                ffi.NULL if bias is None else ffi.cast("float *", ffi.from_buffer(bias)))
+
+        def run(x: np.ndarray, threads: int | None = None) -> np.ndarray:
+            assert kept
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if x.ndim not in (1, 2) or x.shape[-1] != spec.cols or x.size == 0:
+                raise ValueError(f"x has shape {x.shape}: expected ({spec.cols},) or (n, {spec.cols}) with n >= 1")
+            threads = default_threads if threads is None else threads
+            if threads < 1:
+                raise ValueError(f"threads={threads}: at least 1")
+            y = np.empty(x.shape[:-1] + (spec.rows,), dtype=np.float32)
+            status = fn(*args, ffi.cast("float *", ffi.from_buffer(x)),
+                        ffi.cast("float *", ffi.from_buffer(y, require_writable=True)),
+                        1 if x.ndim == 1 else x.shape[0], threads)
+            if status:
+                raise MemoryError(f"{self.name}: out of memory for its work buffers")
+            return y
+
+        return run
 
 
 def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str]) -> dict[str, Kernel]:

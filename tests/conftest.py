@@ -1,6 +1,13 @@
 import os
+import sys
 
 import pytest
+
+# The real default model, fetched once into the user's cache before the tests point the cache elsewhere.
+if not os.environ.get("QIGEN_TEST_GGUF"):
+    from runtime.checkpoint import default_model
+
+    os.environ["QIGEN_TEST_GGUF"] = str(default_model(lambda s: print(s, file=sys.stderr)))
 
 
 @pytest.fixture(scope="session", autouse=True)

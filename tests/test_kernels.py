@@ -129,7 +129,7 @@ GOLDEN_KERNELS = {
     "gemv_q4_g128_avx2.c": (KernelSpec(4096, 4096, 4, 128, isa="avx2"), Schedule(2, 2, threads=2)),
     "gemm_q3_g32_sym_avx512.c": (KernelSpec(11008, 4096, 3, 32, True, "fp32", batch=64, isa="avx512"),
                                  Schedule(2, 1, 6, 128, threads=2)),
-    "gemv_q2_grow_scalar.c": (KernelSpec(37, 100, 2, None, isa="scalar"), Schedule(4, 2, threads=1)),
+    "gemv_q2_grow_scalar.c": (KernelSpec(37, 100, 2, None, isa="scalar"), Schedule(2, 2, threads=1)),
 }
 
 

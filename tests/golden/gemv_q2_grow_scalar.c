@@ -33,9 +33,9 @@ static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
 static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 2-bit W of 37x100, schedule r4a2n1kb0.
-   Tiles of 4 rows, one SIMD lane per row; 2 partial sums per row vector. */
-int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+/* gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 2-bit W of 37x100, schedule r2a2n1kb0.
+   Tiles of 2 rows, one SIMD lane per row; 2 partial sums per row vector. */
+int gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
     const uint16_t *scales = scales_;
     const uint16_t *offsets = offsets_;
@@ -62,24 +62,18 @@ int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const voi
             xsum[g] = s;
         }
 #pragma omp parallel for num_threads(threads) schedule(guided)
-        for (int t = 0; t < 10; t++) {
-            const uint32_t *wt = w + (size_t)t * 28;
+        for (int t = 0; t < 19; t++) {
+            const uint32_t *wt = w + (size_t)t * 14;
             vf acc0 = vf_zero();
             vf acc1 = vf_zero();
-            vf acc2 = vf_zero();
-            vf acc3 = vf_zero();
             for (int g = 0; g < 1; g++) {
                 vf p0_0 = vf_zero();
                 vf p0_1 = vf_zero();
                 vf p1_0 = vf_zero();
                 vf p1_1 = vf_zero();
-                vf p2_0 = vf_zero();
-                vf p2_1 = vf_zero();
-                vf p3_0 = vf_zero();
-                vf p3_1 = vf_zero();
                 int c1 = (g + 1) * 7 < 7 ? (g + 1) * 7 : 7;
                 for (int c = g * 7; c < c1; c++) {
-                    const uint32_t *wc = wt + (size_t)c * 4;
+                    const uint32_t *wc = wt + (size_t)c * 2;
                     const float *xc = xs + c * 16;
                     vi w0_0 = vi_load(wc + 0);
                     vi v0_0 = w0_0;
@@ -93,133 +87,89 @@ int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const voi
                     vi v1_2 = vi_srl(w1_0, 16);
                     vi v1_3 = vi_srl(w1_0, 24);
 
-                    vi w2_0 = vi_load(wc + 2);
-                    vi v2_0 = w2_0;
-                    vi v2_1 = vi_srl(w2_0, 8);
-                    vi v2_2 = vi_srl(w2_0, 16);
-                    vi v2_3 = vi_srl(w2_0, 24);
-
-                    vi w3_0 = vi_load(wc + 3);
-                    vi v3_0 = w3_0;
-                    vi v3_1 = vi_srl(w3_0, 8);
-                    vi v3_2 = vi_srl(w3_0, 16);
-                    vi v3_3 = vi_srl(w3_0, 24);
-
                     {
                         vf xb = vf_set1(xc[0]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0x3u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_0, vi_set1(0x3u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_0, vi_set1(0x3u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_0, vi_set1(0x3u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[1]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xcu))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_0, vi_set1(0xcu))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_0, vi_set1(0xcu))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_0, vi_set1(0xcu))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[2]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0x30u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_0, vi_set1(0x30u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_0, vi_set1(0x30u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_0, vi_set1(0x30u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[3]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xc0u))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_0, vi_set1(0xc0u))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_0, vi_set1(0xc0u))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_0, vi_set1(0xc0u))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[4]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0x3u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_1, vi_set1(0x3u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_1, vi_set1(0x3u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_1, vi_set1(0x3u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[5]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xcu))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_1, vi_set1(0xcu))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_1, vi_set1(0xcu))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_1, vi_set1(0xcu))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[6]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0x30u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_1, vi_set1(0x30u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_1, vi_set1(0x30u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_1, vi_set1(0x30u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[7]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xc0u))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_1, vi_set1(0xc0u))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_1, vi_set1(0xc0u))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_1, vi_set1(0xc0u))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[8]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_2, vi_set1(0x3u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_2, vi_set1(0x3u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_2, vi_set1(0x3u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_2, vi_set1(0x3u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[9]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_2, vi_set1(0xcu))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_2, vi_set1(0xcu))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_2, vi_set1(0xcu))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_2, vi_set1(0xcu))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[10]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_2, vi_set1(0x30u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_2, vi_set1(0x30u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_2, vi_set1(0x30u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_2, vi_set1(0x30u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[11]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_2, vi_set1(0xc0u))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_2, vi_set1(0xc0u))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_2, vi_set1(0xc0u))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_2, vi_set1(0xc0u))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[12]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_3, vi_set1(0x3u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_3, vi_set1(0x3u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_3, vi_set1(0x3u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_3, vi_set1(0x3u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[13]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_3, vi_set1(0xcu))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_3, vi_set1(0xcu))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_3, vi_set1(0xcu))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_3, vi_set1(0xcu))), xb, p3_1);
                     }
                     {
                         vf xb = vf_set1(xc[14]);
                         p0_0 = vf_fma(vi_to_vf(vi_and(v0_3, vi_set1(0x30u))), xb, p0_0);
                         p1_0 = vf_fma(vi_to_vf(vi_and(v1_3, vi_set1(0x30u))), xb, p1_0);
-                        p2_0 = vf_fma(vi_to_vf(vi_and(v2_3, vi_set1(0x30u))), xb, p2_0);
-                        p3_0 = vf_fma(vi_to_vf(vi_and(v3_3, vi_set1(0x30u))), xb, p3_0);
                     }
                     {
                         vf xb = vf_set1(xc[15]);
                         p0_1 = vf_fma(vi_to_vf(vi_and(v0_3, vi_set1(0xc0u))), xb, p0_1);
                         p1_1 = vf_fma(vi_to_vf(vi_and(v1_3, vi_set1(0xc0u))), xb, p1_1);
-                        p2_1 = vf_fma(vi_to_vf(vi_and(v2_3, vi_set1(0xc0u))), xb, p2_1);
-                        p3_1 = vf_fma(vi_to_vf(vi_and(v3_3, vi_set1(0xc0u))), xb, p3_1);
                     }
                 }
-                const uint16_t *st = scales + ((size_t)t * 1 + g) * 4;
-                const uint16_t *ot = offsets + ((size_t)t * 1 + g) * 4;
+                const uint16_t *st = scales + ((size_t)t * 1 + g) * 2;
+                const uint16_t *ot = offsets + ((size_t)t * 1 + g) * 2;
                 vf xg = vf_set1(xsum[g]);
                 {
                     vf p = p0_0;
@@ -233,27 +183,13 @@ int gemv_q2_grow_asym_fp16_scalar_m37k100_r4a2n1kb0(const uint32_t *w, const voi
                     acc1 = vf_fma(p, vf_load_h(st + 1), acc1);
                     acc1 = vf_fma(vf_load_h(ot + 1), xg, acc1);
                 }
-                {
-                    vf p = p2_0;
-                    p = vf_add(p, p2_1);
-                    acc2 = vf_fma(p, vf_load_h(st + 2), acc2);
-                    acc2 = vf_fma(vf_load_h(ot + 2), xg, acc2);
-                }
-                {
-                    vf p = p3_0;
-                    p = vf_add(p, p3_1);
-                    acc3 = vf_fma(p, vf_load_h(st + 3), acc3);
-                    acc3 = vf_fma(vf_load_h(ot + 3), xg, acc3);
-                }
             }
-            float out[4];
+            float out[2];
             vf_store(out + 0, acc0);
             vf_store(out + 1, acc1);
-            vf_store(out + 2, acc2);
-            vf_store(out + 3, acc3);
-            int r1 = 37 - t * 4 < 4 ? 37 - t * 4 : 4;
+            int r1 = 37 - t * 2 < 2 ? 37 - t * 2 : 2;
             for (int r = 0; r < r1; r++)
-                yj[t * 4 + r] = out[r] + (bias ? bias[t * 4 + r] : 0.0f);
+                yj[t * 2 + r] = out[r] + (bias ? bias[t * 2 + r] : 0.0f);
         }
     }
     free(xs);

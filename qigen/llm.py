@@ -1,0 +1,183 @@
+"""Models end to end: quantize a checkpoint offline into one .qigen file, load any model for inference.
+
+A .qigen file is safetensors: per linear layer its codes in a row-major packing (re-tiled for the
+host's kernels at load time), scales and offsets; norms in fp32. Its metadata holds the format
+version, the model config, the quantization spec and method, the tokenizer and the source
+model's sha256, so `load` needs nothing else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from qigen.layout import Layout, layout, pack_codes, unpack_codes
+from qigen.quant import QuantizedWeights, dequantize
+from qigen.spec import KernelSpec, Schedule
+from runtime.checkpoint import Checkpoint, CheckpointError, LlamaConfig, default_model
+from runtime.checkpoint import load as load_checkpoint
+from runtime.compiler import atomic_write, cache_dir
+from runtime.model import LINEARS, Layer, Model, QuantSpec, Weights, quantize_weights, split_linears
+from runtime.tokenizer import Tokenizer
+
+FORMAT, VERSION = "qigen-model", 1
+DEFAULT_QUANT = QuantSpec()
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _rowmajor(spec: KernelSpec) -> Layout:
+    """One row per tile: the schedule-independent packing a file stores."""
+    return layout(replace(spec, isa="scalar", batch=1), Schedule(row_vectors=1, accumulators=1))
+
+
+def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
+    from safetensors.numpy import save as to_bytes
+
+    q = weights.quant
+    tensors: dict[str, np.ndarray] = {"norm": weights.norm}
+
+    def put(name: str, m: QuantizedWeights, spec: KernelSpec) -> None:
+        tensors[f"{name}.words"] = pack_codes(m.codes, _rowmajor(spec)).reshape(-1)
+        tensors[f"{name}.scales"] = m.scales
+        if m.offsets is not None:
+            tensors[f"{name}.offsets"] = m.offsets
+
+    for i, layer in enumerate(weights.layers):
+        tensors[f"layers.{i}.attn_norm"], tensors[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
+        for n in LINEARS:
+            m = getattr(layer, n)
+            put(f"layers.{i}.{n}", m, q.kernel_spec(*m.codes.shape))
+    put("head", weights.head, q.kernel_spec(*weights.head.codes.shape, head=True))
+    if not weights.config.tied_embeddings:
+        tensors["embed"] = weights.embed.astype(np.float16)
+    meta = {"format": FORMAT, "version": VERSION, "config": weights.config.to_dict(), "quant": asdict(q),
+            "source_sha256": source_sha256, "tokenizer": tokenizer.to_json()}
+    atomic_write(path, to_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                metadata={"qigen": json.dumps(meta)}))
+
+
+def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
+    """A .qigen file → quantized weights, its tokenizer and its metadata; clear errors for anything else."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "numpy") as f:
+            meta = json.loads((f.metadata() or {}).get("qigen", "{}"))
+            if meta.get("format") != FORMAT:
+                raise CheckpointError(f"{path} is not a qigen model file")
+            if meta.get("version") != VERSION:
+                raise CheckpointError(f"{path} is qigen model format version {meta.get('version')}; "
+                                      f"this qigen reads version {VERSION}: re-quantize it")
+            config, q = LlamaConfig.from_dict(meta["config"]), QuantSpec(**meta["quant"])
+            t = {k: f.get_tensor(k) for k in f.keys()}
+    except CheckpointError:
+        raise
+    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+        raise CheckpointError(f"{path} is not a readable qigen model file: {e}") from e
+
+    def get(name: str, spec: KernelSpec) -> QuantizedWeights:
+        lay = _rowmajor(spec)
+        words = t[f"{name}.words"].reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows)
+        return QuantizedWeights(unpack_codes(words, lay), t[f"{name}.scales"], t.get(f"{name}.offsets"))
+
+    try:
+        hd, qkv = config.head_dim, (config.heads + 2 * config.kv_heads) * config.head_dim
+        shapes = {"qkv": (qkv, config.hidden), "o": (config.hidden, config.heads * hd),
+                  "gate_up": (2 * config.intermediate, config.hidden), "down": (config.hidden, config.intermediate)}
+        layers = [Layer(attn_norm=t[f"layers.{i}.attn_norm"], ffn_norm=t[f"layers.{i}.ffn_norm"],
+                        **{n: get(f"layers.{i}.{n}", q.kernel_spec(*shapes[n])) for n in LINEARS})
+                  for i in range(config.layers)]
+        head_spec = q.kernel_spec(config.vocab_size, config.hidden, head=True)
+        head = get("head", head_spec)
+        embed = dequantize(head, head_spec) if config.tied_embeddings else t["embed"].astype(np.float32)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path} is incomplete or was made for another spec: {e}") from e
+    return Weights(config, embed, layers, t["norm"], head, q), Tokenizer.from_json(meta["tokenizer"]), meta
+
+
+def calibrate(ckpt: Checkpoint, text: str, ctx: int = 512, windows: int = 8) -> dict[str, np.ndarray]:
+    """Hessians 2/n·XᵀX of every linear layer's inputs, from the fp32 model over calibration text."""
+    model = Model(split_linears(ckpt), ckpt.tokenizer, threads=None)
+    hessians: dict[str, np.ndarray] = {}
+    for i, lin in enumerate(model.linears):
+        for n, linear in lin.items():
+            name, decode = f"layers.{i}.{n}", linear.decode
+
+            def tap(x, threads, name=name, decode=decode):
+                x64 = x.astype(np.float64)
+                hessians[name] = hessians.get(name, 0) + x64.T @ x64
+                return decode(x, threads)
+
+            linear.decode = linear.prefill = tap
+    ids = ckpt.tokenizer.encode(text)
+    if len(ids) < 2:
+        raise ValueError("the calibration text is empty")
+    count = 0
+    for start in range(0, min(len(ids), ctx * windows), ctx):
+        window = ids[start:start + ctx]
+        model.forward(window, model.new_state(len(window)), all_logits=False)
+        count += len(window)
+    return {k: 2.0 * v / count for k, v in hessians.items()}
+
+
+def quantize_model(source: str | Path | None, quant: QuantSpec, out: Path, calib_text: str | None = None,
+                   act_order: bool = False, progress: Callable[[str], None] = _log) -> Path:
+    """Offline: load a checkpoint (GGUF or Hugging Face), quantize it by RTN or GPTQ, write a .qigen file."""
+    ckpt = load_checkpoint(source or default_model(progress))
+    weights = split_linears(ckpt)
+    if quant.method == "gptq":
+        if not calib_text:
+            raise ValueError("GPTQ needs calibration text (--calib FILE)")
+        from qigen.gptq import gptq
+
+        progress("collecting calibration statistics...")
+        hessians = calibrate(ckpt, calib_text)
+
+        def quantizer(m, spec, name):
+            progress(f"gptq {name} {m.shape[0]}x{m.shape[1]}")
+            return gptq(m, hessians[name], spec, act_order=act_order)
+    elif quant.method == "rtn":
+        quantizer = None
+    else:
+        raise ValueError(f"method '{quant.method}' is unknown: choose rtn or gptq")
+    save(out, quantize_weights(weights, quant, quantizer), ckpt.tokenizer, ckpt.sha256)
+    return out
+
+
+def load(path: str | Path | None = None, **options):
+    """A kernel set directory (written by `qigen generate`) or a model (see load_model)."""
+    if path is not None and (Path(path) / "manifest.json").is_file():
+        from qigen.pipeline import load as load_kernel_set
+
+        return load_kernel_set(path)
+    return load_model(path, **options)
+
+
+def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT_QUANT, threads: int | None = None,
+               progress: Callable[[str], None] = _log) -> Model:
+    """A .qigen file as it is; a GGUF / Hugging Face checkpoint (default: SmolLM2-135M-Instruct) quantized
+    with `quant` by RTN and cached beside the kernels, or run in fp32 when quant is None."""
+    if path is not None and Path(path).suffix == ".qigen":
+        weights, tokenizer, _ = load_file(Path(path))
+        return Model(weights, tokenizer, threads)
+    ckpt_path = Path(path) if path is not None else default_model(progress)
+    if quant is None:
+        ckpt = load_checkpoint(ckpt_path)
+        return Model(split_linears(ckpt), ckpt.tokenizer, threads)
+    stat = ckpt_path.stat()  # a changed source file gets a new cache entry
+    key = hashlib.sha256(json.dumps([str(ckpt_path.resolve()), stat.st_size, stat.st_mtime_ns, asdict(quant)]).encode())
+    cached = cache_dir() / "models" / f"{ckpt_path.stem}.{key.hexdigest()[:16]}.qigen"
+    if not cached.is_file():
+        progress(f"quantizing {ckpt_path.name} to {quant.bits}-bit, group {quant.group or 'row'} (once; cached)...")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        quantize_model(ckpt_path, replace(quant, method="rtn"), cached, progress=progress)
+    weights, tokenizer, _ = load_file(cached)
+    return Model(weights, tokenizer, threads)

