@@ -15,7 +15,7 @@ from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.spec import BITS, ISAS, KernelSpec, SpecError
+from qigen.spec import BITS, ISAS, KernelSpec, QuantSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
 
@@ -112,15 +112,13 @@ def print_generate(m: dict) -> None:
 
 def _quant(args: argparse.Namespace):
     """The spec a GGUF / Hugging Face model is quantized with on load (None: run it in fp32)."""
-    from runtime.model import QuantSpec
-
     if args.fp32:
         return None
-    return QuantSpec(bits=args.bits or 4, group=_model_group(args.group))
+    return QuantSpec(bits=args.bits or QuantSpec().bits, group=_model_group(args.group))
 
 
 def _model_group(group: int | str | None) -> int | None:
-    return 128 if group is None else None if group == "row" else group
+    return QuantSpec().group if group is None else None if group == "row" else group
 
 
 def _peak_mb() -> float:
@@ -137,8 +135,11 @@ def _run(args: argparse.Namespace) -> dict:
     if not args.chat:
         if args.prompt is None:
             raise ValueError("give --prompt TEXT, or --chat for a conversation")
+        prompt = args.prompt
+        if not args.raw and model.tokenizer.chat_template:
+            prompt = model.tokenizer.chat([{"role": "user", "content": prompt}])
         stats, pieces = Stats(), []
-        for piece in model.generate(args.prompt, stats=stats, **options):
+        for piece in model.generate(prompt, stats=stats, **options):
             pieces.append(piece)
             if not args.json:
                 print(piece, end="", flush=True)
@@ -167,10 +168,10 @@ def print_run(r: dict) -> None:
 
 def _quantize(args: argparse.Namespace) -> dict:
     from qigen.llm import quantize_model
-    from runtime.model import QuantSpec
 
     calib = Path(args.calib).read_text() if args.calib else None
-    quant = QuantSpec(bits=args.bits or 4, group=_model_group(args.group), symmetric=args.sym, method=args.method)
+    quant = QuantSpec(bits=args.bits or QuantSpec().bits, group=_model_group(args.group), symmetric=args.sym,
+                      method=args.method)
     out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
     return {"file": str(out), "bytes": out.stat().st_size, "quant": asdict(quant)}
 
@@ -214,8 +215,8 @@ def parser() -> argparse.ArgumentParser:
 
     def model_options(c: argparse.ArgumentParser, default_help: str) -> None:
         c.add_argument("model", nargs="?", help=default_help)
-        c.add_argument("--bits", type=int, choices=BITS, help="quantize a GGUF / HF model on load (default 4)")
-        c.add_argument("--group", type=_group, help="group size for on-load quantization (default 128)")
+        c.add_argument("--bits", type=int, choices=BITS, help=f"quantize a GGUF / HF model on load (default {QuantSpec().bits})")
+        c.add_argument("--group", type=_group, help=f"group size for on-load quantization (default {QuantSpec().group})")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
         c.add_argument("--threads", type=int, help="threads (default: all cores)")
         c.add_argument("--json", action="store_true", help="one JSON object on stdout")
@@ -223,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
     default = "a .qigen file, a .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct)"
     r = sub.add_parser("run", help="generate text with a model")
     model_options(r, default)
-    r.add_argument("--prompt", help="the prompt")
+    r.add_argument("--prompt", help="the prompt (sent as a user message when the model has a chat template)")
+    r.add_argument("--raw", action="store_true", help="continue the prompt text as is, without the chat template")
     r.add_argument("--chat", action="store_true", help="interactive conversation with the model's chat template")
     r.add_argument("--max-tokens", type=int, default=128)
     r.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

@@ -18,11 +18,11 @@ import numpy as np
 
 from qigen.layout import Layout, layout, pack_codes, unpack_codes
 from qigen.quant import QuantizedWeights, dequantize
-from qigen.spec import KernelSpec, Schedule
+from qigen.spec import KernelSpec, QuantSpec, Schedule
 from runtime.checkpoint import Checkpoint, CheckpointError, LlamaConfig, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import LINEARS, Layer, Model, QuantSpec, Weights, quantize_weights, split_linears
+from runtime.model import LINEARS, Layer, Model, Weights, quantize_weights, split_linears
 from runtime.tokenizer import Tokenizer
 
 FORMAT, VERSION = "qigen-model", 1

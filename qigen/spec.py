@@ -119,3 +119,20 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
         if schedule.row_vectors * (schedule.col_tile + 1) + 2 > regs:
             raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.col_tile} accumulators, "
                             f"the weights, x and a spare need more than the {regs} vector registers of {spec.isa}")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How a model's linear layers are stored; the tied embedding / output head keep head_bits."""
+    bits: int = 4
+    group: int | None = 32  # llama.cpp's Q4_1 group: its weights (the default model's) are kept exactly
+    symmetric: bool = False
+    scale_dtype: str = "fp16"
+    method: str = "rtn"  # or "gptq"
+    head_bits: int = 8
+    head_group: int | None = 32
+
+    def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
+        if head:
+            return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
+        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa)

@@ -16,7 +16,7 @@ from perfmodel.search import rank
 from qigen.pipeline import best_isa
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.render import kernel_name, render
-from qigen.spec import KernelSpec
+from qigen.spec import KernelSpec, QuantSpec
 from runtime.checkpoint import Checkpoint, LlamaConfig
 from runtime.compiler import compile
 from runtime.loader import Kernel, load
@@ -24,23 +24,6 @@ from runtime.tokenizer import Tokenizer
 
 PREFILL_BATCH = 64  # the design batch of prefill kernels (they take any n at run time)
 PREFILL_CHUNK = 512  # prompt tokens per forward pass, to bound activation memory
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How a model's linear layers are stored; the tied embedding / output head keep head_bits."""
-    bits: int = 4
-    group: int | None = 128
-    symmetric: bool = False
-    scale_dtype: str = "fp16"
-    method: str = "rtn"  # or "gptq"
-    head_bits: int = 8
-    head_group: int | None = 32
-
-    def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
-        if head:
-            return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
-        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa)
 
 
 Matrix = np.ndarray | QuantizedWeights  # fp32 (rows, cols), or quantized

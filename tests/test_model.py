@@ -7,7 +7,8 @@ import torch
 
 from qigen.llm import load_file, save
 from runtime.checkpoint import CheckpointError, load as load_checkpoint
-from runtime.model import Model, QuantSpec, Stats, quantize_weights, split_linears
+from qigen.spec import QuantSpec
+from runtime.model import Model, Stats, quantize_weights, split_linears
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "The GNU General Public License is"]
 
