@@ -135,7 +135,7 @@ def test_swap_linears(compiles, skip):
     x = torch.randn(2, 5, 64)
     want = model(x).detach()
     assert swap_linears(model, bits=8, group=32, skip=skip, threads=THREADS) is model
-    assert len(compiles) == 1  # three shapes, six kernels, one library
+    assert len(compiles) == 1  # every shape, matrix-vector and matrix-matrix, in one library
     assert isinstance(model.mlp[0], QuantLinear) and isinstance(model.mlp[2], QuantLinear)
     assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.mlp[1], nn.GELU)
     assert type(model.lm_head) is (nn.Linear if skip else QuantLinear)
