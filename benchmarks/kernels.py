@@ -313,10 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     if load_start[0] > BUSY_LOAD:
         progress(f"WARNING: 1-minute load {load_start[0]:.2f} > {BUSY_LOAD}: another process is running and will "
                  "skew the numbers (most of all with as many threads as cores)")
-    measured, fresh = bandwidth.stored(host), False
-    if measured is None:
-        progress("no stored read bandwidth for this host: measuring it now (perfmodel.bandwidth.measure())")
-        measured, fresh = bandwidth.measure(), True
+    # the machine is shared: its bandwidth drifts, so every ratio uses a probe taken in this run
+    progress("measuring the read bandwidth (perfmodel.bandwidth.measure())")
+    measured, fresh = bandwidth.measure(), True
     records, source_hash = measure(p, host, measured)
     load_end = os.getloadavg()
     most = max(p.threads)

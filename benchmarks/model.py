@@ -316,10 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     progress("load average " + " ".join(f"{v:.2f}" for v in load_start))
     if load_start[0] > BUSY_LOAD:
         progress(f"WARNING: 1-minute load {load_start[0]:.2f} > {BUSY_LOAD}: another process will skew the numbers")
-    measured, fresh = bandwidth.stored(host), False
-    if measured is None:
-        progress("no stored read bandwidth for this host: measuring it now (perfmodel.bandwidth.measure())")
-        measured, fresh = bandwidth.measure(), True
+    # the machine is shared: its bandwidth drifts, so every ratio uses a probe taken in this run
+    progress("measuring the read bandwidth (perfmodel.bandwidth.measure())")
+    measured, fresh = bandwidth.measure(), True
     source = Path(args.model) if args.model else default_model(progress)
     progress(f"loading {source}")
     ckpt = load_checkpoint(source)

@@ -62,12 +62,18 @@ def bits_per_weight(spec: KernelSpec) -> float:
     return 8 * weight_bytes(spec, schedule) / (spec.rows * spec.cols)
 
 
+def error_sample(spec: KernelSpec, weights: np.ndarray | None) -> np.ndarray:
+    """The matrix whose reconstruction error judges a format: the real weights, else 256 Gaussian rows."""
+    if weights is not None:
+        return weights
+    return np.random.default_rng(0).standard_normal((min(spec.rows, 256), spec.cols)).astype(np.float32)
+
+
 def choose_format(spec: KernelSpec, host: Host, measured: dict[int, float] | None, max_error: float,
                   weights: np.ndarray | None, bits: int | None, group: int | None | str) -> tuple[KernelSpec, float]:
     """The fastest (bits, group) whose relative RMS reconstruction error of `weights` (or of a Gaussian
     matrix when none are given) is at most max_error; returns the spec and the error it achieves."""
-    sample = weights if weights is not None else np.random.default_rng(0).standard_normal(
-        (min(spec.rows, 256), spec.cols)).astype(np.float32)
+    sample = error_sample(spec, weights)
     options, best = [], 1.0
     for b, g in formats(bits, group):
         s = replace(spec, bits=b, group=g)

@@ -18,7 +18,7 @@ import numpy as np
 
 from perfmodel import bandwidth
 from perfmodel.host import Host, from_target
-from perfmodel.search import Candidate, bits_per_weight, choose_format, rank
+from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
 from qigen.quant import relative_error
 from qigen.render import kernel_name, prototype, render
 from qigen.spec import ISA_FEATURES, ISAS, KernelSpec, Schedule, SpecError
@@ -71,7 +71,7 @@ def _spec(request: Request, rows: int, cols: int, isa: str, host: Host, measured
         return choose_format(base, host, measured, request.max_error, weights,
                              None if request.bits == FREE else request.bits,
                              "any" if request.group == FREE else request.group)
-    sample = weights if weights is not None else np.random.default_rng(0).standard_normal((min(rows, 256), cols)).astype(np.float32)
+    sample = error_sample(base, weights)
     return base, relative_error(sample, replace(base, rows=sample.shape[0]))
 
 

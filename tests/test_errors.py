@@ -17,10 +17,12 @@ from perfmodel.host import HostError, detect, from_target
 from perfmodel.search import rank
 from qigen.cli import main
 from qigen.pipeline import Request, best_isa, generate
+from qigen.pipeline import load as load_kernel_set
 from qigen.layout import pack
 from qigen.quant import QuantizedWeights, quantize, reference
 from qigen.render import kernel_name, render
 from qigen.spec import KernelSpec, Schedule, SpecError, check
+from runtime.checkpoint import CheckpointError
 from runtime.compiler import CompileError, build, compile, compiler, flags
 from runtime.loader import LoadError, load
 
@@ -313,7 +315,10 @@ def test_not_a_kernel_set(tmp_path, kernel_set, damage):
     else:
         manifest.write_text('{"library": {}}')
     with pytest.raises(LoadError, match="is not a qigen kernel set"):
-        qigen.load(kernel_set)
+        load_kernel_set(kernel_set)
+    if damage == "missing":  # without a manifest, qigen.load takes the directory for a model
+        with pytest.raises(CheckpointError, match="not a GGUF file nor a Hugging Face model directory"):
+            qigen.load(kernel_set)
 
 
 def test_load_from_the_working_directory(monkeypatch, kernel_set):
