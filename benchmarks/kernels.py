@@ -315,14 +315,14 @@ def main(argv: list[str] | None = None) -> int:
                  "skew the numbers (most of all with as many threads as cores)")
     # the machine is shared: its bandwidth drifts, so every ratio uses a probe taken in this run
     progress("measuring the read bandwidth (perfmodel.bandwidth.measure())")
-    measured, fresh = bandwidth.measure(), True
+    measured = bandwidth.measure()
     records, source_hash = measure(p, host, measured)
     load_end = os.getloadavg()
     most = max(p.threads)
     sections, goals = tables(records), targets(records, most)
     bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in sorted(measured.items()))
     header = (f"{host.model} ({host.name}, {host.cores} cores, {best_isa(host)}); read bandwidth {bw}"
-              f"{' (measured by this run)' if fresh else ''}; load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
+              f" (measured by this run); load average {load_start[0]:.2f} -> {load_end[0]:.2f}")
     print(header + "".join(f"\n\n{title}\n{format_table(head, rows, markdown=False)}"
                            for title, (head, rows) in sections.items()) + "\n\nTargets\n" + "\n".join(goals))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         + "## Targets\n\n" + "".join(f"- {g}\n" for g in goals))
     (args.out / "kernels.json").write_text(json.dumps({
         "host": host.to_dict(), "isa": best_isa(host), "measured_bandwidth": {str(t): v for t, v in measured.items()},
-        "bandwidth_measured_by_this_run": fresh, "load_average": {"start": load_start, "end": load_end},
+        "load_average": {"start": load_start, "end": load_end},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                      "compiler": compiler().version, "numpy_blas_threads": numpy_threads() or "BLAS default threads"},
         "kernels_source_sha256": source_hash, "plan": asdict(p), "measurements": records, "targets": goals}, indent=1))

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"WARNING: 1-minute load {load_start[0]:.2f} > {BUSY_LOAD}: another process will skew the numbers")
     # the machine is shared: its bandwidth drifts, so every ratio uses a probe taken in this run
     progress("measuring the read bandwidth (perfmodel.bandwidth.measure())")
-    measured, fresh = bandwidth.measure(), True
+    measured = bandwidth.measure()
     source = Path(args.model) if args.model else default_model(progress)
     progress(f"loading {source}")
     ckpt = load_checkpoint(source)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = targets(records, most)
     bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in sorted(measured.items()))
     header = (f"{source.name}: {counts['parameters'] / 1e6:.1f}M parameters. {host.model} ({host.name}, {host.cores} "
-              f"cores, {best_isa(host)}); read bandwidth {bw}{' (measured by this run)' if fresh else ''}; "
+              f"cores, {best_isa(host)}); read bandwidth {bw} (measured by this run); "
               f"load average {load_start[0]:.2f} -> {load_end[0]:.2f}.")
     notes = [f"GPTQ (act_order) calibrates on the first half of tests/data/gpl-3.txt ({counts['calibration_tokens']} "
              f"tokens); perplexity is measured on the second half ({counts['evaluation_tokens']} tokens"
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "model.json").write_text(json.dumps({
         "model": str(source), "source_sha256": ckpt.sha256, "config": ckpt.config.to_dict(), "host": host.to_dict(),
         "isa": best_isa(host), "measured_bandwidth": {str(t): v for t, v in measured.items()},
-        "bandwidth_measured_by_this_run": fresh, "load_average": {"start": load_start, "end": load_end},
+        "load_average": {"start": load_start, "end": load_end},
         "versions": {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                      "compiler": compiler().version, "numpy_blas_threads": numpy_threads() or "BLAS default threads"},
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "counts": counts,
