@@ -30,11 +30,11 @@ from perfmodel import bandwidth
 from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, HostError, detect
 from perfmodel.search import rank
-from qigen.pipeline import best_isa
-from qigen.render import kernel_name, render
+from qigen.pipeline import best_isa, build_library
+from qigen.render import kernel_name
 from qigen.spec import BITS, KernelSpec, SpecError
-from runtime.compiler import CompileError, compile, compiler
-from runtime.loader import Kernel, LoadError, load
+from runtime.compiler import CompileError, compiler
+from runtime.loader import Kernel, LoadError
 from runtime.timing import time_call, time_kernel
 
 LLAMA_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # attention projections, MLP up/gate, MLP down
@@ -121,11 +121,9 @@ def build(specs: list[KernelSpec], host: Host, measured: dict[int, float],
     ranked = {s: [c.schedule for c in rank(s, host, measured, threads=host.cores)[:top]] for s in specs}
     # specs that differ only in their batch (design point) may pick the same kernel: render it once
     pairs = list({kernel_name(s, sch): (s, sch) for s in specs for sch in ranked[s]}.values())
-    source = render(pairs, host.name)
     progress(f"compiling {len(pairs)} kernels into one library")
-    built = compile(source.text, host)
-    lib = load(built.path, source.cdef, pairs, built.requires)
-    return {s: [replace(lib[kernel_name(s, sch)], spec=s) for sch in ranked[s]] for s in specs}, source.hash
+    lib, source_hash = build_library(pairs, host)
+    return {s: [replace(lib[kernel_name(s, sch)], spec=s) for sch in ranked[s]] for s in specs}, source_hash
 
 
 def tune(candidates: list[Kernel], threads: int, repeats: int) -> Kernel:

@@ -75,13 +75,18 @@ def _spec(request: Request, rows: int, cols: int, isa: str, host: Host, measured
     return base, relative_error(sample, replace(base, rows=sample.shape[0]))
 
 
+def build_library(pairs: list[tuple[KernelSpec, Schedule]], host: Host) -> tuple[dict[str, Kernel], str]:
+    """Render, compile (cached) and load kernels as one library: kernels by name, and the source hash."""
+    source = render(pairs, host.name)
+    built = compile(source.text, host)
+    return load_library(built.path, source.cdef, pairs, built.requires), source.hash
+
+
 def _tune(specs: list[KernelSpec], ranked: list[list[Candidate]], host: Host, threads: int,
           progress: Callable[[str], None]) -> tuple[list[Schedule], list[float]]:
     """Compile the top candidates of every spec in one library, time each, keep the fastest."""
     pairs = [(s, c.schedule) for s, cands in zip(specs, ranked) for c in cands[:TUNE_TOP]]
-    source = render(pairs, host.name)
-    built = compile(source.text, host)
-    kernels = load_library(built.path, source.cdef, pairs, built.requires)
+    kernels, _ = build_library(pairs, host)
     chosen, measured = [], []
     for spec, cands in zip(specs, ranked):
         times = {}

@@ -13,13 +13,12 @@ import numpy as np
 from perfmodel import bandwidth
 from perfmodel.host import detect
 from perfmodel.search import rank
-from qigen.pipeline import best_isa
+from qigen.pipeline import best_isa, build_library
 from qigen.quant import QuantizedWeights, dequantize, quantize
-from qigen.render import kernel_name, render
+from qigen.render import kernel_name
 from qigen.spec import KernelSpec, QuantSpec
 from runtime.checkpoint import Checkpoint, LlamaConfig
-from runtime.compiler import compile
-from runtime.loader import Kernel, load
+from runtime.loader import Kernel
 from runtime.tokenizer import Tokenizer
 
 PREFILL_BATCH = 64  # the design batch of prefill kernels (they take any n at run time)
@@ -113,9 +112,7 @@ def build_kernels(specs: set[KernelSpec], threads: int) -> dict[KernelSpec, Kern
     for s in sorted(specs, key=lambda s: s.name):
         for spec in (s, replace(s, batch=PREFILL_BATCH)):
             pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
-    source = render(pairs, host.name)
-    built = compile(source.text, host)
-    loaded = load(built.path, source.cdef, pairs, built.requires)
+    loaded, _ = build_library(pairs, host)
     return {s: loaded[kernel_name(s, sch)] for s, sch in pairs}
 
 
