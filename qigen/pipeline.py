@@ -21,9 +21,9 @@ from perfmodel.host import Host, from_target
 from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
 from qigen.quant import relative_error
 from qigen.render import kernel_name, prototype, render
-from qigen.spec import ISA_FEATURES, ISAS, KernelSpec, Schedule, SpecError
+from qigen.spec import ISA_FEATURES, ISAS, KernelSpec, Schedule, SpecError, StepSpec
 from runtime.compiler import atomic_write, build, compile, stage
-from runtime.loader import Kernel, LoadError, load as load_library
+from runtime.loader import Kernel, LoadError, Step, load as load_library
 from runtime.timing import time_kernel
 
 FREE = "free"  # bits or group left to the accuracy search
@@ -75,11 +75,13 @@ def _spec(request: Request, rows: int, cols: int, isa: str, host: Host, measured
     return base, relative_error(sample, replace(base, rows=sample.shape[0]))
 
 
-def build_library(pairs: list[tuple[KernelSpec, Schedule]], host: Host) -> tuple[dict[str, Kernel], str]:
-    """Render, compile (cached) and load kernels as one library: kernels by name, and the source hash."""
-    source = render(pairs, host.name)
+def build_library(pairs: list[tuple[KernelSpec, Schedule]], host: Host,
+                  steps: tuple[StepSpec, ...] = ()) -> tuple[dict[str, Kernel | Step], str]:
+    """Render, compile (cached) and load kernels (and decode steps on them) as one library: by name, and the
+    source hash."""
+    source = render(pairs, host.name, steps)
     built = compile(source.text, host)
-    return load_library(built.path, source.cdef, pairs, built.requires), source.hash
+    return load_library(built.path, source.cdef, pairs, built.requires, steps), source.hash
 
 
 def _tune(specs: list[KernelSpec], ranked: list[list[Candidate]], host: Host, threads: int,

@@ -9,7 +9,7 @@ from importlib import resources
 import jinja2
 
 from qigen.layout import Derive, Extract, View, layout
-from qigen.spec import KernelSpec, Schedule, SpecError, check
+from qigen.spec import STEP_LINEARS, KernelSpec, Schedule, SpecError, StepSpec, check
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,28 @@ class KernelParams:
 
 
 @dataclass(frozen=True)
+class StepParams:
+    """A decode step's constants: model sizes, the kernels of its products, and its scratch layout in floats."""
+    name: str
+    prototype: str
+    scratch_prototype: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    group_heads: int  # query heads per key/value head
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: str
+    attn_scale: str
+    linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
+    per_layer: int  # weight pointers per layer
+    slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
+    at: dict[str, int]  # scratch offsets: h, qkv, att, gate_up, hb, xs, then the scores (heads × context)
+
+
+@dataclass(frozen=True)
 class Source:
     text: str
     isa: str
@@ -71,6 +93,35 @@ def kernel_name(spec: KernelSpec, schedule: Schedule) -> str:
 def prototype(name: str) -> str:
     return (f"int {name}(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, "
             f"const float *x, float *y, int n, int threads);")
+
+
+def step_prototypes(name: str) -> tuple[str, str]:
+    """The step, and the scratch size (floats) it needs for a context of `context` tokens."""
+    return (f"int {name}(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, "
+            f"const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads);",
+            f"size_t {name}_scratch(int context);")
+
+
+def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> StepParams:
+    linears = {}
+    for role, spec in step.linears().items():
+        if spec not in kernels:
+            raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
+        linears[role] = kernels[spec]
+    sizes = {"h": step.hidden, "qkv": linears["qkv"].rows, "att": step.heads * step.head_dim,
+             "gate_up": 2 * step.intermediate, "hb": step.intermediate,
+             "xs": max(k.padded_cols + k.groups for k in linears.values())}
+    at, end = {}, 0
+    for part, floats in sizes.items():
+        at[part], end = end, end + -(-floats // 16) * 16  # each part on its own 64-byte lines
+    at["scores"] = end
+    run, scratch = step_prototypes(step.name)
+    return StepParams(
+        name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
+        hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=step.heads // step.kv_heads,
+        head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
+        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, per_layer=2 + 3 * len(STEP_LINEARS),
+        slot={"attn_norm": 0, "ffn_norm": 1} | {role: 2 + 3 * i for i, role in enumerate(STEP_LINEARS)})
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
@@ -100,17 +151,22 @@ def _environment() -> jinja2.Environment:
                               keep_trailing_newline=True)
 
 
-def render(kernels: list[tuple[KernelSpec, Schedule]], target: str) -> Source:
-    """One C source holding every kernel; all must share one ISA."""
+def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple[StepSpec, ...] = ()) -> Source:
+    """One C source holding every kernel, and decode steps built on its matrix-vector kernels; one ISA for all."""
     if not kernels:
         raise SpecError("nothing to render: give at least one kernel")
-    isas = {spec.isa for spec, _ in kernels}
+    isas = {spec.isa for spec, _ in kernels} | {step.isa for step in steps}
     if len(isas) > 1:
         raise SpecError(f"one library holds one ISA, got {', '.join(sorted(isas))}")
     ps = [params(spec, schedule) for spec, schedule in kernels]
-    names = [p.name for p in ps]
+    names = [p.name for p in ps] + [step.name for step in steps]
     if len(set(names)) != len(names):
         raise SpecError("the same kernel is listed twice")
+    gemv = {spec: p for (spec, _), p in zip(kernels, ps) if spec.kind == "gemv"}
+    sps = [step_params(step, gemv) for step in steps]
     isa = isas.pop()
-    text = _environment().get_template("library.c.j2").render(kernels=ps, isa=isa, target=target)
-    return Source(text=text, isa=isa, target=target, prototypes={p.name: p.prototype + ";" for p in ps})
+    text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target)
+    prototypes = {p.name: p.prototype + ";" for p in ps}
+    for step in steps:
+        prototypes[step.name], prototypes[step.name + "_scratch"] = step_prototypes(step.name)
+    return Source(text=text, isa=isa, target=target, prototypes=prototypes)

@@ -136,3 +136,51 @@ class QuantSpec:
         if head:
             return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
         return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa)
+
+
+STEP_LINEARS = ("qkv", "o", "gate_up", "down")  # a layer's matrix products, in the order a step runs them
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """One decode step of a LLaMA-style model as one kernel. For one token and every layer: RMSNorm, the stacked
+    q/k/v product, RoPE, grouped-query attention over the KV cache, the o product and residual, RMSNorm, the stacked
+    gate/up product, SwiGLU, the down product and residual; then the final norm and the head. Its matrix products
+    are the library's matrix-vector kernels for `linears()`, run inside one parallel region."""
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    quant: QuantSpec
+    isa: str = "avx2"
+
+    def __post_init__(self) -> None:
+        sizes = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+        if bad := [n for n in sizes if getattr(self, n) < 1]:
+            raise SpecError(f"step: {', '.join(f'{n}={getattr(self, n)}' for n in bad)} must be at least 1")
+        if self.heads % self.kv_heads:
+            raise SpecError(f"step: {self.heads} heads are not a multiple of {self.kv_heads} key/value heads")
+        if self.head_dim % 2:
+            raise SpecError(f"step: head_dim={self.head_dim} is odd, RoPE rotates pairs")
+        if not self.rms_eps > 0:
+            raise SpecError(f"step: rms_eps={self.rms_eps} must be positive")
+
+    def linears(self) -> dict[str, KernelSpec]:
+        """The matrix-vector kernel spec of each layer product, and of the head."""
+        q, hd, d, f = self.quant, self.head_dim, self.hidden, self.intermediate
+        shapes = {"qkv": ((self.heads + 2 * self.kv_heads) * hd, d), "o": (d, self.heads * hd),
+                  "gate_up": (2 * f, d), "down": (d, f)}
+        return {n: q.kernel_spec(*shape, isa=self.isa) for n, shape in shapes.items()} | {
+            "head": q.kernel_spec(self.vocab, d, head=True, isa=self.isa)}
+
+    @property
+    def name(self) -> str:
+        q = self.quant
+        body, head = self.linears()["qkv"], self.linears()["head"]
+        fmt = lambda k: f"q{k.bits}{f'g{k.group}' if k.group else 'grow'}{'sym' if k.symmetric else 'asym'}"
+        return (f"step_l{self.layers}_d{self.hidden}_h{self.heads}kv{self.kv_heads}x{self.head_dim}_f{self.intermediate}"
+                f"_v{self.vocab}_{fmt(body)}_{q.scale_dtype}_head_{fmt(head)}_{self.isa}")

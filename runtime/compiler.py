@@ -130,7 +130,7 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
         with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
             src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(source)
-            r = subprocess.run([cc.path, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+            r = subprocess.run([cc.path, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
             if r.returncode or not out.is_file():
                 raise CompileError(f"{cc.path} failed on generated source ({' '.join(flags)}):\n{r.stderr[-4000:]}")
             os.replace(out, so)

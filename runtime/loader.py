@@ -12,7 +12,7 @@ from perfmodel.host import detect
 from qigen.layout import PackedWeights, layout, pack
 from qigen.quant import QuantizedWeights, quantize
 from qigen.render import kernel_name
-from qigen.spec import KernelSpec, Schedule
+from qigen.spec import STEP_LINEARS, KernelSpec, Schedule, StepSpec
 
 
 class LoadError(RuntimeError):
@@ -42,8 +42,8 @@ class Kernel:
         """y = W·x (+ bias) for x of (cols,) or (n, cols); returns (rows,) or (n, rows) float32."""
         return self.bind(weights, bias)(x, threads)
 
-    def bind(self, weights: PackedWeights, bias: np.ndarray | None = None) -> Callable[..., np.ndarray]:
-        """Check the weights once; the returned f(x, threads=None) is the fast path of inference loops."""
+    def check(self, weights: PackedWeights) -> None:
+        """Raise ValueError unless `weights` are packed in this kernel's format."""
         spec = self.spec
         lay = layout(spec, self.schedule)
         if weights.layout is not lay and weights.layout != lay:
@@ -56,6 +56,11 @@ class Kernel:
                 or (weights.offsets is not None and (weights.offsets.dtype != stype or weights.offsets.shape != groups))):
             raise ValueError(f"weights are not in {self.name}'s format: {'no ' if spec.symmetric else ''}offsets and "
                              f"{spec.scale_dtype} scales of shape {groups} expected; pack them with kernel.pack()")
+
+    def bind(self, weights: PackedWeights, bias: np.ndarray | None = None) -> Callable[..., np.ndarray]:
+        """Check the weights once; the returned f(x, threads=None) is the fast path of inference loops."""
+        spec = self.spec
+        self.check(weights)
         if bias is not None:
             bias = np.ascontiguousarray(bias, dtype=np.float32)
             if bias.shape != (spec.rows,):
@@ -85,7 +90,74 @@ class Kernel:
         return run
 
 
-def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str]) -> dict[str, Kernel]:
+def _floats(a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
+    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == shape and a.flags.c_contiguous):
+        raise ValueError(f"{what}: a C-contiguous float32 array of shape {shape} expected, got "
+                         f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
+    return a
+
+
+@dataclass(frozen=True)
+class Step:
+    """A generated decode step: one token through every layer and the head (see StepSpec)."""
+    spec: StepSpec
+    linears: dict[str, Kernel]  # the matrix-vector kernels it calls, by role
+    _fn: object
+    _scratch: object
+    _ffi: cffi.FFI
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def bind(self, layers: list[dict[str, np.ndarray | PackedWeights]], norm: np.ndarray, head: PackedWeights,
+             threads: int = 1) -> Callable[..., np.ndarray]:
+        """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed qkv, o, gate_up, down of each
+        layer. Returns step(x, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → logits, which
+        overwrites x (the token's embedding) and writes k and v at pos."""
+        s, ffi = self.spec, self._ffi
+        if len(layers) != s.layers:
+            raise ValueError(f"{self.name} runs {s.layers} layers, got weights for {len(layers)}")
+        arrays: list[np.ndarray | None] = []
+        for i, layer in enumerate(layers):
+            arrays += [_floats(layer[n], (s.hidden,), f"layer {i} {n}") for n in ("attn_norm", "ffn_norm")]
+            for role in STEP_LINEARS:
+                self.linears[role].check(layer[role])
+                arrays += [layer[role].words, layer[role].scales, layer[role].offsets]
+        self.linears["head"].check(head)
+        arrays += [_floats(norm, (s.hidden,), "final norm"), head.words, head.scales, head.offsets]
+        pointers = ffi.new("void *[]", [ffi.NULL if a is None else ffi.from_buffer(a) for a in arrays])
+        scratch: dict[int, np.ndarray] = {}  # by context
+        cache_shape = (s.layers, s.kv_heads)
+        default_threads = threads
+
+        def run(x, k_cache, v_cache, rope_cos, rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
+            assert arrays
+            context = k_cache.shape[2]
+            _floats(x, (s.hidden,), "x")
+            for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+                _floats(c, (*cache_shape, context, s.head_dim), name)
+            for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
+                _floats(r, (s.head_dim // 2,), name)
+            if not 0 <= pos < context:
+                raise ValueError(f"position {pos} is outside the context of {context}")
+            threads = default_threads if threads is None else threads
+            if threads < 1:
+                raise ValueError(f"threads={threads}: at least 1")
+            if context not in scratch:
+                scratch.clear()
+                scratch[context] = np.empty(self._scratch(context), np.float32)
+            logits = np.empty(s.vocab, np.float32)
+            f = lambda a: ffi.cast("float *", ffi.from_buffer(a, require_writable=True))
+            self._fn(pointers, f(x), f(k_cache), f(v_cache), f(rope_cos), f(rope_sin), pos, context, f(logits),
+                     f(scratch[context]), threads)
+            return logits
+
+        return run
+
+
+def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str],
+         steps: tuple[StepSpec, ...] = ()) -> dict[str, Kernel | Step]:
     """Open the library at `path`, refusing before any code runs if this CPU lacks a required feature."""
     missing = requires - detect().features
     if missing:
@@ -98,4 +170,10 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: 
         lib = ffi.dlopen(str(Path(path).resolve()), ffi.RTLD_NOW | ffi.RTLD_NODELETE)
     except OSError as e:
         raise LoadError(f"cannot open {path}: {e}") from e
-    return {kernel_name(s, sch): Kernel(s, sch, getattr(lib, kernel_name(s, sch)), ffi) for s, sch in kernels}
+    loaded: dict[str, Kernel | Step] = {kernel_name(s, sch): Kernel(s, sch, getattr(lib, kernel_name(s, sch)), ffi)
+                                        for s, sch in kernels}
+    gemv = {k.spec: k for k in loaded.values() if k.spec.kind == "gemv"}
+    for step in steps:
+        linears = {role: gemv[spec] for role, spec in step.linears().items()}
+        loaded[step.name] = Step(step, linears, getattr(lib, step.name), getattr(lib, step.name + "_scratch"), ffi)
+    return loaded

@@ -16,9 +16,9 @@ from perfmodel.search import rank
 from qigen.pipeline import best_isa, build_library
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.render import kernel_name
-from qigen.spec import KernelSpec, QuantSpec
+from qigen.spec import KernelSpec, QuantSpec, StepSpec
 from runtime.checkpoint import Checkpoint, LlamaConfig
-from runtime.loader import Kernel
+from runtime.loader import Kernel, Step
 from runtime.tokenizer import Tokenizer
 
 PREFILL_BATCH = 64  # the design batch of prefill kernels (they take any n at run time)
@@ -91,10 +91,12 @@ class Linear:
     def __init__(self, m: Matrix, kernels: dict[KernelSpec, object] | None, spec: KernelSpec | None):
         self.seconds = 0.0  # spent in this layer's matrix products
         if isinstance(m, np.ndarray):
+            self.packed = None
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
             gemv, gemm = kernels[spec], kernels[replace(spec, batch=PREFILL_BATCH)]
-            self.decode, self.prefill = gemv.bind(gemv.pack(m)), gemm.bind(gemm.pack(m))
+            self.packed = gemv.pack(m)  # the matrix-vector kernel's format, which the decode step reads too
+            self.decode, self.prefill = gemv.bind(self.packed), gemm.bind(gemm.pack(m))
 
     def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -103,17 +105,17 @@ class Linear:
         return y
 
 
-def build_kernels(specs: set[KernelSpec], threads: int) -> dict[KernelSpec, Kernel]:
-    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule,
-    in one library (compiled once, then cached)."""
+def build_kernels(specs: set[KernelSpec], threads: int, step: StepSpec) -> tuple[dict[KernelSpec, Kernel], Step]:
+    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule, and the
+    decode step on the matrix-vector ones, in one library (compiled once, then cached)."""
     host = detect()
     measured = bandwidth.stored(host)
     pairs = []
     for s in sorted(specs, key=lambda s: s.name):
         for spec in (s, replace(s, batch=PREFILL_BATCH)):
             pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
-    loaded, _ = build_library(pairs, host)
-    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs}
+    loaded, _ = build_library(pairs, host, (step,))
+    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs}, loaded[step.name]
 
 
 @dataclass
@@ -147,23 +149,31 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None):
+    def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True):
+        """fused: decode quantized models with the generated decode step (every layer and the head in C, one
+        parallel region per token); False decodes with the Python loop over per-product kernels."""
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
         self.threads = threads or detect().cores
-        q, isa = weights.quant, best_isa(detect())
-        specs = {} if q is None else {(n, i): q.kernel_spec(*getattr(l, n).codes.shape, isa=isa)
-                                      for i, l in enumerate(weights.layers) for n in LINEARS}
-        head_spec = None if q is None else q.kernel_spec(*weights.head.codes.shape, head=True, isa=isa)
-        kernels = None if q is None else build_kernels(set(specs.values()) | {head_spec}, self.threads)
+        c, q, isa = self.config, weights.quant, best_isa(detect())
+        kernels, self.step, self.step_seconds = None, None, 0.0
+        specs = {}
+        if q is not None:
+            step = StepSpec(c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.intermediate, c.vocab_size,
+                            c.rms_eps, q, isa)
+            specs = {(n, i): step.linears()[n] for i in range(c.layers) for n in LINEARS} | {"head": step.linears()["head"]}
+            kernels, step_kernel = build_kernels(set(specs.values()), self.threads, step)
         self.linears = [{n: Linear(getattr(l, n), kernels, specs.get((n, i))) for n in LINEARS}
                         for i, l in enumerate(weights.layers)]
-        self.head = Linear(weights.head, kernels, head_spec)
-        c = self.config
+        self.head = Linear(weights.head, kernels, specs.get("head"))
+        if q is not None and fused:
+            layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in LINEARS}
+                      for l, lin in zip(weights.layers, self.linears)]
+            self.step = step_kernel.bind(layers, weights.norm, self.head.packed, self.threads)
         self.rope_freqs = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
 
     def matmul_seconds(self) -> float:
-        """Time spent in the linear layers (the generated kernels, when quantized) so far."""
-        return self.head.seconds + sum(lin.seconds for layer in self.linears for lin in layer.values())
+        """Time spent in generated kernels so far: the linear layers (when quantized) and the decode step."""
+        return self.step_seconds + self.head.seconds + sum(lin.seconds for layer in self.linears for lin in layer.values())
 
     def new_state(self, context: int) -> RunState:
         c = self.config
@@ -187,6 +197,13 @@ class Model:
         n, pos = len(tokens), state.pos
         if pos + n > state.k.shape[2]:
             raise ValueError(f"{pos + n} tokens exceed the context of {state.k.shape[2]}")
+        if self.step is not None and n == 1 and not all_logits:  # decode: the whole model in one generated kernel
+            t0 = time.perf_counter()
+            logits = self.step(self.w.embed[tokens[0]].copy(), state.k, state.v, state.cos[pos], state.sin[pos], pos,
+                               th)
+            self.step_seconds += time.perf_counter() - t0
+            state.pos += 1
+            return logits
         hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
         x = self.w.embed[tokens]  # (T, hidden) token embeddings
         causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions

@@ -1,0 +1,159 @@
+"""The generated decode step (every layer and the head for one token, in C) matches the Python forward pass.
+
+Tiny random models with ragged sizes (hidden 72 is no multiple of 64; 3 query heads share 1 key/value
+head) in several formats, on every ISA (AVX-512 through SIMD Everywhere where the CPU lacks it). The
+reference is runtime.model's numpy forward over the dequantized weights, token by token.
+"""
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perfmodel.host import detect
+from qigen.quant import dequantize, quantize
+from qigen.render import render
+from qigen.spec import ISA_FEATURES, ISAS, QuantSpec, Schedule, SpecError, StepSpec
+from runtime.checkpoint import LlamaConfig
+from runtime.compiler import compile
+from runtime.loader import load
+from runtime.model import Layer, Model, Weights
+from test_kernels import runnable, skip_reason
+
+GOLDEN = Path(__file__).parent / "golden"
+# (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
+SIZES = {"gqa": (2, 72, 3, 1, 24, 100, 300), "mha": (1, 40, 2, 2, 16, 56, 70)}
+FORMATS = {
+    "q4g32": QuantSpec(4, 32),
+    "q3row-sym-fp32": QuantSpec(3, None, symmetric=True, scale_dtype="fp32"),
+    "q2g64-head4g128": QuantSpec(2, 64, head_bits=4, head_group=128),
+    "q8g128-sym-head8row": QuantSpec(8, 128, symmetric=True, head_group=None),
+}
+TOKENS = 6
+
+
+def step_spec(size: str, quant: QuantSpec, isa: str) -> StepSpec:
+    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = SIZES[size]
+    return StepSpec(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, 1e-5, quant, isa)
+
+
+def build(step: StepSpec, schedule: Schedule | None = None):
+    """The step and its matrix-vector kernels in one library (emulated AVX-512 where the CPU lacks it)."""
+    from perfmodel.search import rank
+
+    specs = dict.fromkeys(step.linears().values())
+    pairs = [(s, schedule or rank(s, detect(), None, 2)[0].schedule) for s in specs]
+    source = render(pairs, "native", (step,))
+    emulate = step.isa == "avx512" and not detect().has(*ISA_FEATURES["avx512"])
+    built = compile(source.text, detect(), emulate=emulate)
+    return load(built.path, source.cdef, pairs, built.requires, (step,))[step.name]
+
+
+def random_model(step: StepSpec, seed: int = 0):
+    """Random weights: quantized (what the step reads) and dequantized (what the reference multiplies)."""
+    rng = np.random.default_rng(seed)
+    lin = step.linears()
+    norm = lambda: (1 + 0.1 * rng.standard_normal(step.hidden)).astype(np.float32)
+    quantized, layers = [], []
+    for _ in range(step.layers):
+        q = {n: quantize((rng.standard_normal((s.rows, s.cols)) / np.sqrt(s.cols)).astype(np.float32), s)
+             for n, s in lin.items() if n != "head"}
+        d = {n: dequantize(q[n], lin[n]) for n in q}
+        quantized.append(q | {"attn_norm": norm(), "ffn_norm": norm()})
+        layers.append(Layer(quantized[-1]["attn_norm"], d["qkv"], d["o"], quantized[-1]["ffn_norm"], d["gate_up"],
+                            d["down"]))
+    head = quantize(rng.standard_normal((step.vocab, step.hidden)).astype(np.float32), lin["head"])
+    config = LlamaConfig(step.vocab, step.hidden, step.intermediate, step.layers, step.heads, step.kv_heads,
+                         step.head_dim, 10000.0, step.rms_eps, 32, False)
+    embed = rng.standard_normal((step.vocab, step.hidden)).astype(np.float32)
+    final = norm()
+    return quantized, final, head, Weights(config, embed, layers, final, dequantize(head, lin["head"]), None)
+
+
+def packed(kernel, quantized):
+    return [{n: kernel.linears[n].pack(v) if n in kernel.linears else v for n, v in q.items()} for q in quantized]
+
+
+def bound(kernel, quantized, final, head):
+    return kernel.bind(packed(kernel, quantized), final, kernel.linears["head"].pack(head), threads=2)
+
+
+def _params():
+    for isa in ISAS:
+        marks = [] if runnable(isa) else [pytest.mark.skip(reason=skip_reason(isa))]
+        for i, fmt in enumerate(FORMATS):
+            yield pytest.param(isa, fmt, list(SIZES)[i % len(SIZES)], id=f"{isa}-{fmt}-{list(SIZES)[i % len(SIZES)]}",
+                               marks=marks)
+
+
+@pytest.mark.parametrize("isa,fmt,size", list(_params()))
+def test_step_matches_python_forward(isa, fmt, size):
+    step = step_spec(size, FORMATS[fmt], isa)
+    quantized, final, head, reference = random_model(step)
+    run = bound(build(step), quantized, final, head)
+    ref = Model(reference, None, threads=2)
+    ref_state = ref.new_state(TOKENS)
+    k, v = np.zeros_like(ref_state.k), np.zeros_like(ref_state.v)
+    tokens = np.random.default_rng(1).integers(0, step.vocab, TOKENS)
+    for pos, token in enumerate(tokens):
+        want = ref.forward([token], ref_state)
+        got = run(reference.embed[token].copy(), k, v, ref_state.cos[pos], ref_state.sin[pos], pos,
+                  threads=1 + pos % 2)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"position {pos}")
+    np.testing.assert_allclose(k, ref_state.k, rtol=0, atol=1e-4 * np.abs(ref_state.k).max())
+    np.testing.assert_allclose(v, ref_state.v, rtol=0, atol=1e-4 * np.abs(ref_state.v).max())
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    step = step_spec("gqa", QuantSpec(), "scalar")
+    quantized, final, head, reference = random_model(step)
+    return step, build(step), quantized, final, head, reference
+
+
+def test_step_refuses_bad_weights_and_positions(tiny):
+    step, kernel, quantized, final, head, _ = tiny
+    with pytest.raises(ValueError, match="runs 2 layers"):
+        bound(kernel, quantized[:1], final, head)
+    with pytest.raises(ValueError, match="final norm"):
+        bound(kernel, quantized, final[:-1], head)
+    wrong = packed(kernel, quantized)
+    wrong[1]["o"] = wrong[1]["down"]  # the down product's weights where o's belong
+    with pytest.raises(ValueError, match="packed for another layout"):
+        kernel.bind(wrong, final, kernel.linears["head"].pack(head))
+    run = bound(kernel, quantized, final, head)
+    k = v = np.zeros((step.layers, step.kv_heads, 4, step.head_dim), np.float32)
+    rope = np.ones(step.head_dim // 2, np.float32)
+    x = np.zeros(step.hidden, np.float32)
+    with pytest.raises(ValueError, match="outside the context of 4"):
+        run(x, k, v, rope, rope, 4)
+    with pytest.raises(ValueError, match="k_cache"):
+        run(x, k[:, :, :, :-1], v, rope, rope, 0)
+    with pytest.raises(ValueError, match="threads=0"):
+        run(x, k, v, rope, rope, 0, threads=0)
+
+
+def test_step_spec_names_the_broken_rule():
+    with pytest.raises(SpecError, match="not a multiple of 2 key/value heads"):
+        StepSpec(1, 64, 3, 2, 16, 64, 10, 1e-5, QuantSpec())
+    with pytest.raises(SpecError, match="odd"):
+        StepSpec(1, 64, 2, 2, 15, 64, 10, 1e-5, QuantSpec())
+    with pytest.raises(SpecError, match="layers=0"):
+        StepSpec(0, 64, 2, 2, 16, 64, 10, 1e-5, QuantSpec())
+    step = step_spec("mha", QuantSpec(), "avx2")
+    pairs = [(s, Schedule(1, 2)) for s in step.linears().values() if s != step.linears()["head"]]
+    with pytest.raises(SpecError, match="needs a matrix-vector kernel for head"):
+        render(pairs, "native", (step,))
+    with pytest.raises(SpecError, match="one ISA"):
+        render(pairs, "native", (replace(step, isa="scalar"),))
+
+
+def test_rendered_step_matches_golden():
+    """A refactor that changes the generated step shows up here; QIGEN_UPDATE_GOLDEN=1 rewrites the file."""
+    step = step_spec("gqa", QuantSpec(), "avx2")
+    text = render([(s, Schedule(1, 2)) for s in step.linears().values()], "golden", (step,)).text
+    path = GOLDEN / "step_gqa_q4g32_avx2.c"
+    if os.environ.get("QIGEN_UPDATE_GOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
