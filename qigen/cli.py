@@ -1,4 +1,5 @@
-"""The `qigen` command: `info` describes the CPU, `generate` writes a kernel set for it."""
+"""The `qigen` command: `info` describes the CPU, `generate` writes a kernel set for it, `run`, `quantize` and
+`perplexity` work with models, `bench` measures kernels and models."""
 from __future__ import annotations
 
 import argparse
@@ -249,7 +250,21 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--text", required=True, help="a UTF-8 text file")
     pp.add_argument("--ctx", type=int, default=512, help="tokens per window")
     pp.add_argument("--all-tokens", action="store_true", help="score every token, not the second half of windows")
+    b = sub.add_parser("bench", help="measure kernels or a model on this machine: tables, results.json and plots")
+    what = b.add_subparsers(dest="what", required=True)
+    from qigen.bench import kernels as bench_kernels, model as bench_model
+
+    bench_kernels.add_arguments(what.add_parser("kernels", help="kernel speed against the memory bandwidth, torch, numpy",
+                                                description=bench_kernels.__doc__.split("\n\n")[0]))
+    bench_model.add_arguments(what.add_parser("model", help="perplexity, size and tokens/s per bits x group x method",
+                                              description=bench_model.__doc__.split("\n\n")[0]))
     return p
+
+
+def _bench(args: argparse.Namespace) -> dict:
+    from qigen.bench import kernels, model
+
+    return (kernels if args.what == "kernels" else model).run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,7 +292,8 @@ def print_perplexity(r: dict) -> None:
 
 
 COMMANDS = {"info": (info, print_info), "generate": (_generate, print_generate), "run": (_run, print_run),
-            "quantize": (_quantize, print_quantize), "perplexity": (_perplexity, print_perplexity)}
+            "quantize": (_quantize, print_quantize), "perplexity": (_perplexity, print_perplexity),
+            "bench": (_bench, lambda r: None)}  # bench prints its tables as it finishes
 
 
 if __name__ == "__main__":

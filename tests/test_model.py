@@ -140,7 +140,7 @@ def test_qigen_file_round_trip_and_bad_files(ckpt, tmp_path):
 def test_perplexity_on_the_shipped_text(q8, fp32):
     from pathlib import Path
 
-    text = (Path(__file__).parent / "data" / "gpl-3.txt").read_text()[:6000]
+    text = (Path(__file__).parent.parent / "qigen" / "bench" / "gpl-3.txt").read_text()[:6000]
     ppl8, scored = q8.perplexity(text, ctx=256)
     ppl32, _ = fp32.perplexity(text, ctx=256)
     assert scored > 0 and 1 < ppl32 < 100

@@ -1,0 +1,497 @@
+"""`qigen bench model`: which bits, group size and method to pick for a model on this CPU.
+
+Every bits × group × method is quantized (GPTQ calibrates on the first half of a shipped English text, the GNU
+GPL v3) and measured: file size, bits per weight, perplexity on the second half (no overlap), prompt and
+decode tokens/s per thread count (median of --repeat runs), decode as a share of the rate the memory bandwidth
+measured in the same run allows, and the share of decode time in generated kernels. Baselines in the same run:
+the unquantized model in plain torch (fp32, and bf16 where torch has it natively), torch's dynamic int8, qigen's
+fp32 path and, when llama-cpp-python is installed, llama.cpp on the same GGUF in its nearest types.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import itertools
+import math
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from perfmodel import bandwidth
+from perfmodel.cost import bandwidth as read_bandwidth
+from perfmodel.host import detect
+from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional, positive,
+                         render_text, summary, write)
+from qigen.bench.kernels import _bits, _group
+from qigen.llm import load_model, quantize_model
+from qigen.pipeline import best_isa
+from qigen.spec import BITS, QuantSpec
+from runtime.checkpoint import Checkpoint, default_model, load as load_checkpoint
+from runtime.model import Model, RunState, Stats
+
+TEXT = Path(__file__).with_name("gpl-3.txt")
+PROMPT_TOKENS = 100  # the prompt of every speed run: the license's first 100 tokens
+WARMUP_TOKENS = 2
+METHODS = ("rtn", "gptq")
+LLAMA_CPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+
+
+def _method(text: str) -> str:
+    if text not in METHODS:
+        raise ValueError(f"method {text} is not one of {', '.join(METHODS)}")
+    return text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--bits", type=comma_list(_bits), default=BITS, help="bits list (default 2,3,4,8)")
+    p.add_argument("--group", type=comma_list(_group), default=(32, 128), help="group sizes or 'row' (default 32,128)")
+    p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
+    p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
+    p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
+    p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
+    p.add_argument("--max-windows", type=positive, help="score at most this many windows (default: the whole half)")
+    p.add_argument("--tokens", type=positive, default=64, help="tokens decoded per speed run (default 64)")
+    p.add_argument("--baselines", type=comma_list(str), default=("all",),
+                   help="baselines to run: all, none, or a list of qigen-fp32, torch-fp32, torch-bf16, torch-int8, "
+                        "llama.cpp (default all that this machine has)")
+    p.add_argument("--keep-models", action="store_true", help="keep the quantized files in OUT/models/")
+    p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output directory (default results/)")
+    p.add_argument("--json", action="store_true", help="print the results section as JSON instead of the table")
+
+
+def torch_llama(ckpt: Checkpoint, dtype: str = "float32"):
+    """A plain-torch LLaMA (Hugging Face conventions) with a KV cache, built from nn.Linear so torch's dynamic
+    quantization applies. Prefill, generate and perplexity are runtime.model.Model's own loops, so windows,
+    sampling and timing are qigen's: only forward() differs."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    nn, F = torch.nn, torch.nn.functional
+    projections = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+    class TorchLlama(nn.Module):
+        prefill, generate, perplexity = Model.prefill, Model.generate, Model.perplexity
+
+        def __init__(self):
+            super().__init__()
+            c, t = ckpt.config, {k: torch.from_numpy(v).to(dt) for k, v in ckpt.tensors.items()}
+
+            def linear(name: str) -> nn.Linear:
+                layer = nn.Linear(t[name].shape[1], t[name].shape[0], bias=False)
+                layer.weight = nn.Parameter(t[name], requires_grad=False)
+                return layer
+
+            self.config, self.tokenizer = c, ckpt.tokenizer
+            self.layers = nn.ModuleList(nn.ModuleDict({n: linear(f"model.layers.{i}.{hf}.weight")
+                                                       for n, hf in projections.items()}) for i in range(c.layers))
+            self.norms = [(t[f"model.layers.{i}.input_layernorm.weight"], t[f"model.layers.{i}.post_attention_layernorm.weight"])
+                          for i in range(c.layers)]
+            self.embed, self.norm = t["model.embed_tokens.weight"], t["model.norm.weight"]
+            self.head = linear("model.embed_tokens.weight" if c.tied_embeddings else "lm_head.weight")
+            self.rope_freqs = c.rope_theta ** (-torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim)
+
+        def matmul_seconds(self) -> float:
+            return 0.0  # not split out: the kernel share is qigen's figure
+
+        def new_state(self, context: int) -> RunState:
+            c = self.config
+            shape = (c.layers, c.kv_heads, context, c.head_dim)
+            angles = torch.outer(torch.arange(context, dtype=torch.float64), self.rope_freqs)
+            return RunState(torch.zeros(shape, dtype=dt), torch.zeros(shape, dtype=dt), angles.cos().to(dt),
+                            angles.sin().to(dt))
+
+        def rms(self, x, w):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_eps) * w
+
+        @torch.inference_mode()
+        def forward(self, tokens, state: RunState, all_logits: bool = False) -> np.ndarray:
+            c, pos, hd = self.config, state.pos, self.config.head_dim
+            ids = torch.as_tensor(np.asarray(tokens))
+            n = len(ids)
+            cos, sin = state.cos[pos:pos + n], state.sin[pos:pos + n]  # (T, head_dim/2)
+
+            def rope(x):  # (heads, T, head_dim): rotate_half, HF's layout
+                x1, x2 = x[..., :hd // 2], x[..., hd // 2:]
+                return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+            x = self.embed[ids]  # (T, hidden)
+            mask = torch.full((n, pos + n), float("-inf")).triu(pos + 1)  # future positions
+            for i, (lin, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, self.norms)):
+                h = self.rms(x, attn_norm)
+                q = lin["q"](h).view(n, c.heads, hd).transpose(0, 1)
+                state.k[i, :, pos:pos + n] = rope(lin["k"](h).view(n, c.kv_heads, hd).transpose(0, 1))
+                state.v[i, :, pos:pos + n] = lin["v"](h).view(n, c.kv_heads, hd).transpose(0, 1)
+                rep = c.heads // c.kv_heads  # GQA: each kv head serves rep query heads
+                k, v = (s[i, :, :pos + n].repeat_interleave(rep, 0) for s in (state.k, state.v))
+                att = torch.softmax(rope(q) @ k.transpose(1, 2) * hd ** -0.5 + mask, -1) @ v
+                x = x + lin["o"](att.transpose(0, 1).reshape(n, -1))
+                h = self.rms(x, ffn_norm)
+                x = x + lin["down"](F.silu(lin["gate"](h)) * lin["up"](h))
+            state.pos += n
+            logits = self.head(self.rms(x if all_logits else x[-1:], self.norm))
+            return (logits if all_logits else logits[0]).float().numpy()
+
+    return TorchLlama()
+
+
+def texts(ckpt: Checkpoint, ctx: int, max_windows: int | None) -> tuple[str, str, list[int]]:
+    """Calibration text (first half of the license), evaluation text (second half, cut to max_windows
+    windows plus slack) and the prompt's token ids (the license's first PROMPT_TOKENS)."""
+    text = TEXT.read_text()
+    middle = text.index("\n", len(text) // 2)  # split at a line break
+    calib, evaluation = text[:middle], text[middle:]
+    if max_windows:
+        ids = ckpt.tokenizer.encode(evaluation)
+        evaluation = ckpt.tokenizer.decode(ids[:ctx * max_windows + ctx // 2])
+    return calib, evaluation, ckpt.tokenizer.encode(text)[:PROMPT_TOKENS]
+
+
+def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
+    """(weights of the linear layers and the output head, all parameters)."""
+    c = ckpt.config
+    linear = c.layers * c.hidden * (c.head_dim * (2 * c.heads + 2 * c.kv_heads) + 3 * c.intermediate)
+    return linear + c.vocab_size * c.hidden, sum(t.size for t in ckpt.tensors.values())
+
+
+def packed_bytes(path: Path) -> int:
+    """Bytes of the .qigen file's linear-layer and head tensors (codes, scales, offsets): what decode streams."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("layers.", "head."))
+                   and k.endswith((".words", ".scales", ".offsets")))
+
+
+def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
+    """(weights of the linear layers and the output head, all parameters)."""
+    c = ckpt.config
+    linear = c.layers * c.hidden * (c.head_dim * (c.heads + 2 * c.kv_heads) + c.heads * c.head_dim + 3 * c.intermediate)
+    return linear + c.vocab_size * c.hidden, sum(t.size for t in ckpt.tensors.values())
+
+
+def packed_bytes(path: Path) -> int:
+    """Bytes of the .qigen file's linear-layer and head tensors (codes, scales, offsets): what decode streams."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "numpy") as f:
+        return sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("layers.", "head."))
+                   and k.endswith((".words", ".scales", ".offsets")))
+
+
+class Run:
+    """One invocation: the model, its texts, the machine's bandwidth and the options every measurement shares."""
+
+    def __init__(self, args: argparse.Namespace, ckpt: Checkpoint, source: Path, measured: dict[int, float]):
+        self.args, self.ckpt, self.source, self.measured, self.host = args, ckpt, source, measured, detect()
+        self.calib, self.evaluation, self.prompt = texts(ckpt, args.ctx, args.max_windows)
+        self.weights, self.params = weight_counts(ckpt)
+        self.kv = kv_bytes(ckpt, len(self.prompt), args.tokens)
+        self.eval_ids = ckpt.tokenizer.encode(self.evaluation)
+        if len(self.eval_ids) < args.ctx:
+            raise BenchError(f"the evaluation text has {len(self.eval_ids)} tokens, fewer than one --ctx window of "
+                             f"{args.ctx}: lower --ctx")
+
+    def speed(self, model, threads: int, per_token: float) -> dict:
+        """Prompt and decode tokens/s at `threads`: --repeat runs after a short warm-up, medians and spreads."""
+        list(model.generate(self.prompt, max_tokens=WARMUP_TOKENS, temperature=0))
+        runs = []
+        for _ in range(self.args.repeat):
+            stats = Stats()
+            list(model.generate(self.prompt, max_tokens=self.args.tokens, temperature=0, stats=stats))
+            runs.append(stats.to_dict())
+        prompt, decode = (summary([r[k] for r in runs]) for k in ("prompt_tokens_per_s", "decode_tokens_per_s"))
+        bw = read_bandwidth(self.host, threads, self.measured)
+        rate = bw / (per_token + self.kv)
+        return {"prompt_tokens_per_s": prompt["median"], "prompt_spread": prompt["spread"],
+                "decode_tokens_per_s": decode["median"], "decode_spread": decode["spread"],
+                "decode_runs": decode["values"], "ms_per_token": 1e3 / decode["median"],
+                "share_in_kernels": float(np.median([r["decode_share_in_kernels"] for r in runs])),
+                "read_bandwidth": bw, "bandwidth_rate": rate, "bandwidth_pct": 100 * decode["median"] / rate}
+
+    def measure(self, record: dict, make, per_token: float) -> dict:
+        """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
+        try:
+            model = None
+            record["speed"] = {}
+            for t in self.args.threads:
+                model = make(t)
+                record["speed"][t] = self.speed(model, t, per_token)
+            record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx)
+        except Exception as e:  # e.g. GPTQ failing numerically: report it and go on with the rest
+            record["error"] = f"{type(e).__name__}: {e}"
+            log(f"{record['name']} FAILED: {record['error']}")
+        return record | {"bytes_per_token": per_token + self.kv}
+
+    def qigen(self, bits: int, group: int | None, method: str) -> dict:
+        name = f"q{bits} g{group or 'row'} {method}"
+        path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}.qigen"
+        record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method}
+        try:
+            t0 = time.perf_counter()
+            quantize_model(self.source, QuantSpec(bits, group, method=method), path, self.calib, act_order=True,
+                           progress=lambda s: None)
+            packed = packed_bytes(path)
+            record |= {"quantize_s": time.perf_counter() - t0, "size_bytes": path.stat().st_size,
+                       "packed_bytes": packed, "bits_per_weight": 8 * packed / self.weights}
+        except Exception as e:
+            log(f"{name} FAILED: {type(e).__name__}: {e}")
+            return record | {"error": f"{type(e).__name__}: {e}"}
+        record = self.measure(record, lambda t: load_model(path, threads=t), packed)
+        if not self.args.keep_models:
+            path.unlink()
+        return record
+
+    def qigen_fp32(self) -> dict:
+        return self.measure({"name": "qigen fp32", "kind": "qigen fp32", "size_bytes": 4 * self.params,
+                             "bits_per_weight": 32.0}, lambda t: load_model(self.source, quant=None, threads=t),
+                            4 * self.weights)
+
+    def torch(self, kind: str) -> dict:
+        """The plain-torch model in fp32 or bf16, or torch's dynamic int8 of its Linear layers."""
+        import torch
+
+        model = torch_llama(self.ckpt, "bfloat16" if kind == "torch bf16" else "float32")
+        per_token = {"torch fp32": 4, "torch bf16": 2, "torch int8": 1}[kind]  # bytes per linear weight
+        size = per_token * self.params
+        if kind == "torch int8":
+            with warnings.catch_warnings():  # torch 2.x deprecates torch.ao.quantization in favour of torchao
+                warnings.simplefilter("ignore")
+                torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+            c = self.ckpt.config  # int8 linears and head; fp32 embeddings (kept apart when tied) and norms
+            size = self.weights + 4 * (self.params - self.weights + c.tied_embeddings * c.vocab_size * c.hidden)
+        record = {"name": kind, "kind": kind, "bits_per_weight": 8.0 * per_token, "size_bytes": size}
+        return self.measure(record, lambda t: torch.set_num_threads(t) or model, per_token * self.weights)
+
+    def llama_cpp(self, llama_type: str) -> dict:
+        """llama.cpp (llama-cpp-python) on the source GGUF re-quantized to `llama_type`: same texts, windows, threads."""
+        path = self.args.out / "models" / f"llama-cpp-{llama_type}.gguf"
+        record = {"name": f"llama.cpp {llama_type}", "kind": "llama.cpp", "llama_type": llama_type}
+        try:
+            quantize_gguf(self.source, path, LLAMA_CPP_TYPES[llama_type], max(self.args.threads))
+            record |= {"size_bytes": path.stat().st_size, "bits_per_weight": 8 * path.stat().st_size / self.params}
+            record = self.measure(record, lambda t: LlamaCpp(path, t, self.args.ctx, self.ckpt.tokenizer),
+                                  path.stat().st_size)
+        except Exception as e:
+            record["error"] = f"{type(e).__name__}: {e}"
+            log(f"{record['name']} FAILED: {record['error']}")
+        if not self.args.keep_models:
+            path.unlink(missing_ok=True)
+        return record
+
+
+def quantize_gguf(source: Path, out: Path, ftype: int, threads: int) -> None:
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.allow_requantize = ftype, threads, True  # the default GGUF is already Q4_1
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)):
+        raise RuntimeError(f"llama.cpp could not quantize {source} to type {ftype}")
+
+
+class LlamaCpp:
+    """llama.cpp behind qigen's generate / perplexity interface, fed the same token ids."""
+
+    def __init__(self, path: Path, threads: int, ctx: int, tokenizer):
+        import llama_cpp
+
+        self.tokenizer = tokenizer
+        self.llm = llama_cpp.Llama(str(path), n_ctx=max(ctx, PROMPT_TOKENS + 256), n_threads=threads,
+                                   n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+
+    def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, stats: Stats | None = None):
+        stats = stats if stats is not None else Stats()
+        self.llm.reset()
+        t0 = time.perf_counter()
+        self.llm.eval(prompt)
+        stats.prompt_tokens, stats.prompt_s = len(prompt), time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(max_tokens):
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+            self.llm.eval([token])
+            stats.generated_tokens += 1
+            yield ""
+        stats.decode_s, stats.stop = time.perf_counter() - t0, "max tokens"
+
+    def perplexity(self, text: str, ctx: int) -> tuple[float, int]:
+        """qigen's convention (runtime.model.Model.perplexity): windows of ctx ids, second half scored."""
+        ids, nll, scored = self.tokenizer.encode(text), 0.0, 0
+        for start in range(0, len(ids) - ctx + 1, ctx):
+            window = ids[start:start + ctx]
+            self.llm.reset()
+            self.llm.eval(window)
+            z = np.asarray(self.llm.scores[ctx // 2:ctx - 1], dtype=np.float64)
+            logp = z - z.max(-1, keepdims=True)
+            logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+            nll -= logp[np.arange(len(z)), window[ctx // 2 + 1:]].sum()
+            scored += len(z)
+        return float(np.exp(nll / scored)), scored
+
+
+def baselines(names: tuple[str, ...], source: Path) -> list[str]:
+    """The baselines asked for that this machine can run; says which it skips and why."""
+    known = ("qigen-fp32", "torch-fp32", "torch-bf16", "torch-int8", "llama.cpp")
+    if names in (("all",), ("none",)):
+        want = list(known) if names == ("all",) else []
+    elif unknown := [n for n in names if n not in known]:
+        raise BenchError(f"baseline {unknown[0]} is unknown: choose all, none or from {', '.join(known)}")
+    else:
+        want = list(names)
+    have = []
+    for name in want:
+        if name.startswith("torch") and not optional("torch", f"the {name} baseline"):
+            continue
+        if name == "torch-bf16":
+            import torch
+
+            if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                log("skipped: torch bf16, which torch runs natively only on CPUs with AVX-512 BF16 or AMX "
+                    "(this one has neither)")
+                continue
+        if name == "llama.cpp":
+            if source.suffix != ".gguf":
+                log(f"skipped: llama.cpp, which needs a GGUF model ({source} is not one)")
+                continue
+            if not optional("llama_cpp", "the llama.cpp baseline (pip install 'qigen[llama]')"):
+                continue
+        have.append(name)
+    return have
+
+
+def divisibility_notes(ckpt: Checkpoint, groups: tuple[int | None, ...]) -> list[str]:
+    """Group sizes that don't divide a layer's input size: qigen handles them with a partial last group."""
+    c, notes = ckpt.config, []
+    for g in (g for g in groups if g):
+        ragged = sorted({k for k in (c.hidden, c.heads * c.head_dim, c.intermediate) if k % g})
+        if ragged:
+            notes.append(f"group {g} does not divide input size{'s' * (len(ragged) > 1)} {', '.join(map(str, ragged))}: "
+                         f"the last group of those rows is partial ({', '.join(str(k % g) for k in ragged)} weights)")
+    return notes
+
+
+def table(records: list[dict], threads: tuple[int, ...]) -> tuple[list[str], list[list]]:
+    most, rows = max(threads), []
+    torch = next((r["speed"][most]["decode_tokens_per_s"] for r in records
+                  if r["kind"] == "torch fp32" and most in r.get("speed", {})), None)
+
+    def num(value: float | None, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for r in records:
+        s = r.get("speed", {})
+        top = s.get(most, {})
+        share = top.get("share_in_kernels") if r["kind"].startswith("qigen") else None
+        rows.append([r["name"], num(r.get("size_bytes") and r["size_bytes"] / 1e6, ".1f"),
+                     num(r.get("bits_per_weight"), ".2f"), num(r.get("perplexity"), ".3f"),
+                     *(num(s[t]["prompt_tokens_per_s"] if t in s else None, ".1f") for t in threads),
+                     *(num(s[t]["decode_tokens_per_s"] if t in s else None, ".1f") for t in threads),
+                     num(top.get("decode_spread") and 100 * top["decode_spread"], ".0f"),
+                     num(torch and top.get("decode_tokens_per_s") and top["decode_tokens_per_s"] / torch, ".2f"),
+                     num(top.get("bandwidth_pct"), ".0f"), num(share and 100 * share, ".0f"), r.get("error", "")])
+    t = [f"{n}t" for n in threads]
+    return (["config", "size MB", "bits/w", "ppl", *[f"prompt tok/s {x}" for x in t], *[f"decode tok/s {x}" for x in t],
+             f"spread % {most}t", f"x torch fp32 {most}t", f"% bw rate {most}t", "% in kernels", "error"], rows)
+
+
+def kv_bytes(ckpt: Checkpoint, prompt: int, tokens: int) -> float:
+    """fp32 key and value cache bytes each decoded token reads, averaged over the decode."""
+    c = ckpt.config
+    return 2 * c.layers * c.kv_heads * c.head_dim * 4 * (prompt + (tokens + 1) / 2)
+
+
+def plot(records: list[dict], most: int, path: Path) -> bool:
+    """Perplexity against decode tokens/s and against size, one point per format, Pareto fronts dashed."""
+    matplotlib = optional("matplotlib", "the plots")
+    if not matplotlib:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("perplexity") and most in r.get("speed", {})]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, x, label, higher in ((axes[0], lambda r: r["speed"][most]["decode_tokens_per_s"],
+                                  f"decode tokens/s, {most} thread{'s' * (most > 1)}", True),
+                                 (axes[1], lambda r: r["size_bytes"] / 1e6, "size MB", False)):
+        for r in ok:
+            base = r["kind"] != "qigen"
+            ax.scatter(x(r), r["perplexity"], marker="*" if base else "os"[r["method"] == "gptq"], s=120 if base else 45,
+                       color="k" if base else f"C{r['bits']}", zorder=3)
+            ax.annotate(r["name"], (x(r), r["perplexity"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        front, best = [], math.inf
+        for r in sorted(ok, key=lambda r: -x(r) if higher else x(r)):
+            if r["perplexity"] < best * (1 - 1e-6):  # equal perplexity (qigen fp32, torch fp32) is no gain
+                front.append(r)
+                best = r["perplexity"]
+        ax.plot([x(r) for r in front], [r["perplexity"] for r in front], "k--", lw=0.8, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("perplexity (log)")
+        ax.set_yscale("log")
+        ax.legend(fontsize="small")
+    axes[0].set_title("colour: bits; o RTN, s GPTQ, * baselines (fp32, bf16, int8, llama.cpp)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every format and baseline, print the table, write OUT/results.json (section "model"), results.md
+    and model.png."""
+    host = detect()
+    args.threads = args.threads or tuple(sorted({1, host.cores}))
+    info = machine(host)
+    log("measuring the read bandwidth (1 and all cores) for this run")
+    measured = bandwidth.measure()
+    source = Path(args.model) if args.model else default_model(log)
+    ckpt = load_checkpoint(source)
+    (args.out / "models").mkdir(parents=True, exist_ok=True)
+    bench = Run(args, ckpt, source, measured)
+    names = baselines(args.baselines, source)
+    notes = divisibility_notes(ckpt, args.group)
+    for n in notes:
+        log(n)
+    gptq = 1 + 8 * ckpt.config.layers / 30  # GPTQ costs several RTN quantizations; weights only steer the estimate
+    tasks = [Task(f"q{b} g{g or 'row'} {m}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m))
+             for b, g, m in itertools.product(args.bits, args.group, args.method)]
+    tasks += [Task(n, 1, bench.qigen_fp32 if n == "qigen-fp32" else functools.partial(bench.torch, n.replace("-", " ")))
+              for n in names if n != "llama.cpp"]
+    if "llama.cpp" in names:
+        tasks += [Task(f"llama.cpp {t}", 1.5, functools.partial(bench.llama_cpp, t)) for t in LLAMA_CPP_TYPES]
+    records = Progress(tasks).run()
+    most = max(args.threads)
+    head, rows = table(records, args.threads)
+    noisy = noisy_note(records, lambda r: [s["decode_spread"] for s in r.get("speed", {}).values()])
+    bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in sorted(measured.items()))
+    header = (f"{source.name}: {bench.params / 1e6:.1f}M parameters. {host.model} ({host.name}, {host.cores} cores, "
+              f"{best_isa(host)}); read bandwidth {bw} (measured by this run); load average "
+              f"{info['load_average_start'][0]:.2f}; {args.repeat} speed runs per thread count, median shown.")
+    notes += [
+        f"Perplexity: the second half of the GNU GPL v3 ({len(bench.eval_ids)} tokens"
+        f"{', cut by --max-windows' if args.max_windows else ''}) in windows of {args.ctx} tokens, the second half of "
+        "each window scored as llama.cpp does. GPTQ (act_order) calibrates on the first half: no overlap.",
+        "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets; the head stays "
+        f"8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
+        "weights in memory).",
+        f"Speed: a {len(bench.prompt)}-token prompt, then {args.tokens} greedy tokens, after a {WARMUP_TOKENS}-token "
+        "warm-up; spread = (max - min) / median of the decode runs. % bw rate = decode tokens/s / (read bandwidth / "
+        f"bytes read per token: packed weights plus {bench.kv / 1e6:.1f} MB of KV cache on average). % in kernels = "
+        "share of qigen's decode time inside generated C (the decode step; numpy for qigen fp32).",
+        "Baselines: the source checkpoint's weights (for the default GGUF its Q4_1 weights) dequantized and run by "
+        "plain torch (nn.Linear, KV cache), by torch's dynamic int8 (quantize_dynamic), by qigen's fp32 path, and, "
+        "when installed, by llama.cpp after re-quantizing the same GGUF (already 4-bit, so its types are bounded by it).",
+        *([noisy] if noisy else [])]
+    plotted = plot(records, most, args.out / "model.png")
+    data = info | {"model": str(source), "source_sha256": ckpt.sha256, "config": ckpt.config.to_dict(),
+                   "isa": best_isa(host), "measured_bandwidth": {str(t): v for t, v in measured.items()},
+                   "options": {k: v for k, v in vars(args).items() if k not in ("command", "what")},
+                   "baselines": names, "records": records, "noisy": noisy, "notes": notes,
+                   "plots": ["model.png"] if plotted else []}
+    write(args.out, "model", data, render_text("Model", header, {"Formats and baselines": (head, rows)}, notes, True))
+    if not args.json:
+        print(render_text("Model", header, {"Formats and baselines": (head, rows)}, notes, markdown=False))
+    log(f"wrote {args.out}/results.json, results.md" + (", model.png" if plotted else ""))
+    return data

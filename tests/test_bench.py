@@ -1,0 +1,105 @@
+"""The `qigen bench` harness on tiny grids: it runs, results.json validates against its schema, the tables and
+plots are written, and what it cannot do is said and skipped. Speeds are not checked here."""
+import builtins
+import io
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from qigen.bench import SCHEMA, BenchError, Progress, Task, summary
+from qigen.bench.model import baselines
+from qigen.cli import main
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def validate(out: Path) -> dict:
+    results = json.loads((out / "results.json").read_text())
+    jsonschema.validate(results, json.loads(SCHEMA.read_text()))
+    return results
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """One results directory that both benchmarks write into."""
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "kernels", "--shape", "37x100,16x64", "--bits", "4,3", "--group", "32,row", "--batch", "1,3",
+                 "--threads", "1,2", "--repeat", "2", "-o", str(out)]) == 0
+    kernels = validate(out)
+    assert main(["bench", "model", "--bits", "8", "--group", "row", "--method", "rtn", "--threads", "1", "--repeat", "1",
+                 "--ctx", "32", "--max-windows", "1", "--tokens", "2", "--baselines", "torch-fp32", "-o", str(out)]) == 0
+    return out, kernels
+
+
+def test_kernels_grid_runs_and_validates(out):
+    out, results = out
+    k = results["kernels"]
+    qigen = [r for r in k["records"] if r["impl"] == "qigen"]
+    assert len(qigen) == 2 * 2 * 2 * 2 * 2  # shapes x bits x groups x batches x threads
+    assert {r["phase"] for r in qigen} == {"decode", "prefill"}
+    assert {"torch fp32", "torch int8 dynamic", "numpy fp32"} <= {r["impl"] for r in k["records"]}
+    assert all(len(r["times_s"]) == 2 for r in k["records"])
+    assert len(k["library"]["kernels"]) == 16 and all(m["chosen"] for m in k["library"]["kernels"])
+    assert (out / "kernels.png").read_bytes().startswith(PNG)
+
+
+def test_model_grid_runs_and_keeps_both_sections(out, capsys):
+    out, _ = out
+    results = validate(out)
+    assert {"kernels", "model"} <= set(results)  # the model run kept the kernels section
+    names = [r["name"] for r in results["model"]["records"]]
+    assert names == ["q8 grow rtn", "torch fp32"]
+    q8 = results["model"]["records"][0]
+    assert q8["perplexity"] > 1 and q8["speed"]["1"]["decode_tokens_per_s"] > 0 and 8 < q8["bits_per_weight"] < 9
+    md = (out / "results.md").read_text()
+    assert "## Kernels" in md and "## Model" in md and "q8 grow rtn" in md
+    assert (out / "model.png").read_bytes().startswith(PNG)
+    assert not (out / "models" / "q8grow-rtn.qigen").exists()  # deleted unless --keep-models
+
+
+def test_bench_refuses_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--bits", "5", "-o", str(tmp_path)])
+    assert "5 bits is not one of 2, 3, 4, 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--group", "48", "-o", str(tmp_path)])
+    assert "group 48 is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "model", "--method", "awq", "-o", str(tmp_path)])
+    assert "method awq is not one of rtn, gptq" in capsys.readouterr().err
+    with pytest.raises(BenchError, match="baseline vllm is unknown"):
+        baselines(("vllm",), Path("m.gguf"))
+    assert main(["bench", "model", "--bits", "8", "--ctx", "100000", "--baselines", "none", "-o", str(tmp_path)]) == 2
+    assert "fewer than one --ctx window of 100000" in capsys.readouterr().err
+
+
+def test_missing_baseline_is_skipped_with_the_reason(monkeypatch, capsys):
+    real = builtins.__import__
+
+    def no_llama(name, *args, **kwargs):
+        if name == "llama_cpp":
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_llama)
+    assert baselines(("torch-fp32", "llama.cpp"), Path("m.gguf")) == ["torch-fp32"]
+    assert "skipped: the llama.cpp baseline" in capsys.readouterr().err
+    assert baselines(("llama.cpp",), Path("hf-model-dir")) == []
+    assert "needs a GGUF model" in capsys.readouterr().err
+
+
+def test_progress_estimates_the_time_left():
+    stream = io.StringIO()
+    done = Progress([Task(f"task {i}", w, lambda i=i: i) for i, w in enumerate((1, 3, 1))], stream).run()
+    lines = stream.getvalue().splitlines()
+    assert done == [0, 1, 2]
+    assert "estimating: task 0" in lines[0] and "left: task 1" in lines[1] and "20% 2/3" in lines[1]
+    assert lines[-1].startswith("done: 3 measurements")
+
+
+def test_summary_flags_noise():
+    assert summary([1.0, 1.05, 1.02])["noisy"] is False
+    s = summary([1.0, 1.5, 1.1])
+    assert s["median"] == 1.1 and s["noisy"] and abs(s["spread"] - 0.5 / 1.1) < 1e-12
