@@ -105,17 +105,18 @@ class Linear:
         return y
 
 
-def build_kernels(specs: set[KernelSpec], threads: int, step: StepSpec) -> tuple[dict[KernelSpec, Kernel], Step]:
-    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule, and the
-    decode step on the matrix-vector ones, in one library (compiled once, then cached)."""
+def build_kernels(specs: set[KernelSpec], threads: int,
+                  steps: tuple[StepSpec, ...] = ()) -> dict[KernelSpec | StepSpec, Kernel | Step]:
+    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule, and decode
+    steps on the matrix-vector ones, in one library (compiled once, then cached)."""
     host = detect()
     measured = bandwidth.stored(host)
     pairs = []
     for s in sorted(specs, key=lambda s: s.name):
         for spec in (s, replace(s, batch=PREFILL_BATCH)):
             pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
-    loaded, _ = build_library(pairs, host, (step,))
-    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs}, loaded[step.name]
+    loaded, _ = build_library(pairs, host, steps)
+    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs} | {step: loaded[step.name] for step in steps}
 
 
 @dataclass
@@ -161,14 +162,14 @@ class Model:
             step = StepSpec(c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.intermediate, c.vocab_size,
                             c.rms_eps, q, isa)
             specs = {(n, i): step.linears()[n] for i in range(c.layers) for n in LINEARS} | {"head": step.linears()["head"]}
-            kernels, step_kernel = build_kernels(set(specs.values()), self.threads, step)
+            kernels = build_kernels(set(specs.values()), self.threads, (step,))
         self.linears = [{n: Linear(getattr(l, n), kernels, specs.get((n, i))) for n in LINEARS}
                         for i, l in enumerate(weights.layers)]
         self.head = Linear(weights.head, kernels, specs.get("head"))
         if q is not None and fused:
             layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in LINEARS}
                       for l, lin in zip(weights.layers, self.linears)]
-            self.step = step_kernel.bind(layers, weights.norm, self.head.packed, self.threads)
+            self.step = kernels[step].bind(layers, weights.norm, self.head.packed, self.threads)
         self.rope_freqs = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
 
     def matmul_seconds(self) -> float:
