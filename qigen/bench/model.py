@@ -10,10 +10,13 @@ fp32 path and, when llama-cpp-python is installed, llama.cpp on the same GGUF in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import itertools
 import math
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -281,7 +284,22 @@ class Run:
             log(f"{record['name']} FAILED: {record['error']}")
         if not self.args.keep_models:
             path.unlink(missing_ok=True)
+            path.with_suffix(".log").unlink(missing_ok=True)
         return record
+
+
+@contextlib.contextmanager
+def llama_log(path: Path):
+    """llama.cpp writes its own log to file descriptor 2: send it to `path` instead of over the progress bar."""
+    sys.stderr.flush()
+    saved, log_file = os.dup(2), open(path, "ab")
+    os.dup2(log_file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        log_file.close()
 
 
 def quantize_gguf(source: Path, out: Path, ftype: int, threads: int) -> None:
@@ -289,8 +307,10 @@ def quantize_gguf(source: Path, out: Path, ftype: int, threads: int) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.nthread, params.allow_requantize = ftype, threads, True  # the default GGUF is already Q4_1
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)):
-        raise RuntimeError(f"llama.cpp could not quantize {source} to type {ftype}")
+    with llama_log(out.with_suffix(".log")):
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
+    if failed:
+        raise RuntimeError(f"llama.cpp could not quantize {source} to type {ftype}: see {out.with_suffix('.log')}")
 
 
 class LlamaCpp:
@@ -300,8 +320,9 @@ class LlamaCpp:
         import llama_cpp
 
         self.tokenizer = tokenizer
-        self.llm = llama_cpp.Llama(str(path), n_ctx=max(ctx, PROMPT_TOKENS + 256), n_threads=threads,
-                                   n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+        with llama_log(path.with_suffix(".log")):
+            self.llm = llama_cpp.Llama(str(path), n_ctx=max(ctx, PROMPT_TOKENS + 256), n_threads=threads,
+                                       n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
 
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, stats: Stats | None = None):
         stats = stats if stats is not None else Stats()
