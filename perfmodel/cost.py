@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from perfmodel.host import Host
 from qigen.layout import layout
-from qigen.spec import KernelSpec, Schedule
+from qigen.spec import A8_BLOCK, KernelSpec, Schedule
 
 ISSUE = {"avx512": 2.0, "avx2": 3.0, "scalar": 3.0}  # vector instructions per cycle (3: Zen 3 measured)
 FMA_PORTS = 2
@@ -62,6 +62,9 @@ def _chunk_cycles_gemv(spec: KernelSpec, schedule: Schedule) -> float:
     """Cycles for one chunk of codes across one tile's row vectors."""
     lay = layout(spec, schedule)
     r, a = schedule.row_vectors, schedule.accumulators
+    if spec.family == "wq_a8":  # per shift: (shift,) and, multiply-add of bytes, int16 add; one x broadcast each
+        subs = 8 // spec.bits
+        return (r * (1 + 4 * subs - 1) + subs) / ISSUE[spec.isa]
     per_row = lay.words + 3 * len(lay.derives) + sum(v.base > 0 for v in lay.views) + 3 * lay.chunk
     issue = (r * per_row + lay.chunk) / ISSUE[spec.isa]  # + one x broadcast per code
     latency = FMA_LATENCY * lay.chunk / a if r * a < FMA_PORTS * FMA_LATENCY else 0.0
@@ -95,6 +98,8 @@ def predict(spec: KernelSpec, schedule: Schedule, host: Host, measured: dict[int
     busy = -(-lay.tiles // threads) / lay.tiles  # share of the tiles on the busiest thread
     if spec.kind == "gemv":
         group_end = schedule.row_vectors * (schedule.accumulators + 5) / ISSUE[spec.isa]  # sum, scale, offset
+        if spec.family == "wq_a8":  # per block of A8_BLOCK inputs: int16 pairs to int32, convert, scale
+            group_end += (3 * schedule.row_vectors + 1) / ISSUE[spec.isa] * spec.group_size / A8_BLOCK
         cycles = lay.tiles * (lay.chunks * _chunk_cycles_gemv(spec, schedule) + lay.groups * group_end) * n
     else:
         cycles = _gemm_cycles(spec, schedule, host, n)

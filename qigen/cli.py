@@ -16,7 +16,7 @@ from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.spec import BITS, ISAS, KernelSpec, QuantSpec, SpecError
+from qigen.spec import ACTIVATIONS, BITS, ISAS, KernelSpec, QuantSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
 
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace) -> dict:
     from qigen.llm import load_model
     from runtime.model import Stats
 
-    model = load_model(args.model, _quant(args), args.threads)
+    model = load_model(args.model, _quant(args), args.threads, activations=args.activations)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, context=args.ctx)
     if not args.chat:
@@ -172,7 +172,7 @@ def _quantize(args: argparse.Namespace) -> dict:
 
     calib = Path(args.calib).read_text() if args.calib else None
     quant = QuantSpec(bits=args.bits or QuantSpec().bits, group=_model_group(args.group), symmetric=args.sym,
-                      method=args.method)
+                      method=args.method, activations=args.activations)
     out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
     return {"file": str(out), "bytes": out.stat().st_size, "quant": asdict(quant)}
 
@@ -180,10 +180,10 @@ def _quantize(args: argparse.Namespace) -> dict:
 def _perplexity(args: argparse.Namespace) -> dict:
     from qigen.llm import load_model
 
-    model = load_model(args.model, _quant(args), args.threads)
+    model = load_model(args.model, _quant(args), args.threads, activations=args.activations)
     text = Path(args.text).read_text()
-    ppl, scored = model.perplexity(text, args.ctx, args.all_tokens)
-    return {"perplexity": ppl, "tokens_scored": scored, "ctx": args.ctx,
+    ppl, scored = model.perplexity(text, args.ctx, args.all_tokens, decode=args.decode)
+    return {"perplexity": ppl, "tokens_scored": scored, "ctx": args.ctx, "path": "decode" if args.decode else "prefill",
             "scored": "all tokens after the first of each window" if args.all_tokens
             else "second half of each window (as llama.cpp)"}
 
@@ -219,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--bits", type=int, choices=BITS, help=f"quantize a GGUF / HF model on load (default {QuantSpec().bits})")
         c.add_argument("--group", type=_group, help=f"group size for on-load quantization (default {QuantSpec().group})")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
+        c.add_argument("--activations", choices=ACTIVATIONS,
+                       help="decode activations: int8 (integer dot products), fp32, or auto: int8 where the format "
+                            "allows (bits 2/4, groups of multiples of 32); default: the file's, else auto")
         c.add_argument("--threads", type=int, help="threads (default: all cores)")
         c.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -240,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--group", type=_group)
     q.add_argument("--sym", action="store_true")
     q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
+    q.add_argument("--activations", choices=ACTIVATIONS, default="auto", help="decode activations stored as the "
+                   "file's default (auto: int8 where the format allows)")
     q.add_argument("--calib", help="calibration text file (GPTQ)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on)")
@@ -250,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--text", required=True, help="a UTF-8 text file")
     pp.add_argument("--ctx", type=int, default=512, help="tokens per window")
     pp.add_argument("--all-tokens", action="store_true", help="score every token, not the second half of windows")
+    pp.add_argument("--decode", action="store_true",
+                    help="feed tokens one at a time through the decode path (its int8 activations), not in prefill chunks")
     b = sub.add_parser("bench", help="measure kernels or a model on this machine: tables, results.json and plots")
     what = b.add_subparsers(dest="what", required=True)
     from qigen.bench import kernels as bench_kernels, model as bench_model

@@ -162,16 +162,19 @@ def load(path: str | Path | None = None, **options):
 
 
 def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT_QUANT, threads: int | None = None,
-               progress: Callable[[str], None] = _log) -> Model:
+               progress: Callable[[str], None] = _log, activations: str | None = None) -> Model:
     """A .qigen file as it is; a GGUF / Hugging Face checkpoint (default: SmolLM2-135M-Instruct) quantized
-    with `quant` by RTN and cached beside the kernels, or run in fp32 when quant is None."""
+    with `quant` by RTN and cached beside the kernels, or run in fp32 when quant is None. activations: decode
+    with "int8", "fp32" or "auto" activations instead of the file's (or quant's) choice; the weights are the same."""
     if path is not None and Path(path).suffix == ".qigen":
         weights, tokenizer, _ = load_file(Path(path))
-        return Model(weights, tokenizer, threads)
+        return Model(_activations(weights, activations), tokenizer, threads)
     ckpt_path = Path(path) if path is not None else default_model(progress)
     if quant is None:
         ckpt = load_checkpoint(ckpt_path)
         return Model(split_linears(ckpt), ckpt.tokenizer, threads)
+    activations = activations or quant.activations
+    quant = replace(quant, activations="auto")  # the cached weights do not depend on it
     stat = ckpt_path.stat()  # a changed source file gets a new cache entry
     key = hashlib.sha256(json.dumps([str(ckpt_path.resolve()), stat.st_size, stat.st_mtime_ns, asdict(quant)]).encode())
     cached = cache_dir() / "models" / f"{ckpt_path.stem}.{key.hexdigest()[:16]}.qigen"
@@ -180,4 +183,10 @@ def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT
         cached.parent.mkdir(parents=True, exist_ok=True)
         quantize_model(ckpt_path, replace(quant, method="rtn"), cached, progress=progress)
     weights, tokenizer, _ = load_file(cached)
-    return Model(weights, tokenizer, threads)
+    return Model(_activations(weights, activations), tokenizer, threads)
+
+
+def _activations(weights: Weights, activations: str | None) -> Weights:
+    if activations is None or activations == weights.quant.activations:
+        return weights
+    return replace(weights, quant=replace(weights.quant, activations=activations))  # checks the format allows it

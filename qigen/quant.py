@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qigen.spec import KernelSpec
+from qigen.spec import A8_BLOCK, KernelSpec
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,18 @@ def reference(x: np.ndarray, q: QuantizedWeights, spec: KernelSpec, bias: np.nda
     """The oracle: dequantize, then matmul in float64. x is (cols,) or (n, cols)."""
     y = x.astype(np.float64) @ dequantize(q, spec).astype(np.float64).T
     return (y if bias is None else y + bias).astype(np.float32)
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """x as int8-activation kernels see it: per block of A8_BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32
+    (the kernels' own arithmetic), so reference(quantize_activations(x), ...) is their oracle."""
+    x = np.asarray(x, dtype=np.float32)
+    cols = x.shape[-1]
+    blocks = np.zeros(x.shape[:-1] + (-(-cols // A8_BLOCK) * A8_BLOCK,), np.float32)
+    blocks[..., :cols] = x
+    blocks = blocks.reshape(x.shape[:-1] + (-1, A8_BLOCK))
+    amax = np.abs(blocks).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(blocks * inv)
+    return (q * (amax / np.float32(127))).astype(np.float32).reshape(x.shape[:-1] + (-1,))[..., :cols]

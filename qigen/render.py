@@ -9,7 +9,10 @@ from importlib import resources
 import jinja2
 
 from qigen.layout import Derive, Extract, View, layout
-from qigen.spec import STEP_LINEARS, KernelSpec, Schedule, SpecError, StepSpec, check
+from qigen.spec import A8_BLOCK, STEP_LINEARS, KernelSpec, Schedule, SpecError, StepSpec, check
+
+
+PREFETCH = 1024  # measured on Zen 3: one thread streams ~15% more weights with it; 2 KiB ahead is worse
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,14 @@ class KernelParams:
     views: tuple[View, ...]
     extracts: tuple[Extract, ...]
     prescale: tuple[str, ...]
+    scratch: int  # floats of prepared x a matrix-vector kernel reads (its prep writes them)
+    # int8 activations (0 otherwise): shifts per word, the byte mask, chunks per block of A8_BLOCK inputs, blocks
+    subs: int
+    byte_mask: int
+    block_chunks: int
+    blocks: int
+    group_blocks: int
+    prefetch: int  # bytes ahead of the words being read that matrix-vector kernels prefetch
 
 
 @dataclass(frozen=True)
@@ -67,7 +78,9 @@ class StepParams:
     linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
     per_layer: int  # weight pointers per layer
     slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    at: dict[str, int]  # scratch offsets: h, qkv, att, gate_up, hb, xs, then the scores (heads × context)
+    at: dict[str, int]  # shared scratch offsets: qkv, att, gate_up, hb, then the scores (heads × context)
+    own: dict[str, int]  # offsets in each thread's own scratch, which follows the scores: h (normed x), xs (prepared x)
+    own_floats: int
 
 
 @dataclass(frozen=True)
@@ -96,10 +109,10 @@ def prototype(name: str) -> str:
 
 
 def step_prototypes(name: str) -> tuple[str, str]:
-    """The step, and the scratch size (floats) it needs for a context of `context` tokens."""
+    """The step, and the scratch size (floats) it needs for a context of `context` tokens and `threads` threads."""
     return (f"int {name}(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, "
             f"const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads);",
-            f"size_t {name}_scratch(int context);")
+            f"size_t {name}_scratch(int context, int threads);")
 
 
 def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> StepParams:
@@ -108,19 +121,21 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         if spec not in kernels:
             raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
         linears[role] = kernels[spec]
-    sizes = {"h": step.hidden, "qkv": linears["qkv"].rows, "att": step.heads * step.head_dim,
-             "gate_up": 2 * step.intermediate, "hb": step.intermediate,
-             "xs": max(k.padded_cols + k.groups for k in linears.values())}
+    lines = lambda floats: -(-floats // 16) * 16  # each part on its own 64-byte lines
+    sizes = {"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate,
+             "hb": step.intermediate}
     at, end = {}, 0
     for part, floats in sizes.items():
-        at[part], end = end, end + -(-floats // 16) * 16  # each part on its own 64-byte lines
+        at[part], end = end, end + lines(floats)
     at["scores"] = end
+    own = {"h": 0, "xs": lines(step.hidden)}
+    own_floats = own["xs"] + lines(max(k.scratch for k in linears.values()))
     run, scratch = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
         hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=step.heads // step.kv_heads,
         head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
-        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, per_layer=2 + 3 * len(STEP_LINEARS),
+        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, own=own, own_floats=own_floats, per_layer=2 + 3 * len(STEP_LINEARS),
         slot={"attn_norm": 0, "ffn_norm": 1} | {role: 2 + 3 * i for i, role in enumerate(STEP_LINEARS)})
 
 
@@ -128,8 +143,16 @@ def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
     check(spec, schedule)
     lay = layout(spec, schedule)
     name = kernel_name(spec, schedule)
+    a8 = spec.family == "wq_a8"
+    subs = 8 // spec.bits if a8 else 0
+    block_chunks = A8_BLOCK // lay.chunk if a8 else 0
+    blocks = -(-lay.chunks // block_chunks) if a8 else 0
+    # fp32: x pre-scaled (padded) and group sums; int8: x's bytes as words per (chunk, shift), block scales, group sums
+    scratch = lay.chunks * subs + blocks + lay.groups if a8 else lay.chunks * lay.chunk + lay.groups
     return KernelParams(
-        name=name, template=f"{spec.kind}.c.j2", prototype=prototype(name).rstrip(";"), tag=schedule.tag(),
+        name=name, template=f"{spec.kind}.c.j2", prototype=prototype(name).rstrip(";"),
+        tag=schedule.tag(), scratch=scratch, subs=subs, byte_mask=0x01010101 * ((1 << spec.bits) - 1) if a8 else 0,
+        block_chunks=block_chunks, blocks=blocks, prefetch=PREFETCH, group_blocks=spec.group_size // A8_BLOCK if a8 else 0,
         bits=spec.bits, rows=spec.rows, cols=spec.cols, padded_cols=lay.chunks * lay.chunk,
         symmetric=spec.symmetric, zero_point=float(1 << (spec.bits - 1)),
         stype="uint16_t" if spec.scale_dtype == "fp16" else "float",

@@ -15,7 +15,9 @@ GROUPS = (32, 64, 128, 256, None)  # None: one group per row
 ISAS = ("avx512", "avx2", "scalar")  # best first
 ISA_FEATURES = {"avx512": ("avx512f", "avx512bw", "avx512vl", "f16c"), "avx2": ("avx2", "fma", "f16c"), "scalar": ()}
 SCALE_DTYPES = ("fp16", "fp32")
-FAMILIES = ("wq_f32",)  # weight-quantized, fp32 activations; int8 activations, LUT, KV-cache kernels come next
+FAMILIES = ("wq_f32", "wq_a8")  # weight-quantized with fp32 activations; or with int8 activations (integer dots)
+A8_BITS = (2, 4)  # int8 activations take codes that sit whole in bytes after one shift and AND
+A8_BLOCK = 32  # inputs per int8 activation scale (llama.cpp's Q8 block)
 MAX_BATCH = 512
 VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "scalar": 1}  # fp32 lanes
 VECTOR_REGISTERS = {"avx512": 32, "avx2": 16, "scalar": 16}
@@ -52,6 +54,14 @@ class KernelSpec:
             raise SpecError(f"scale dtype '{self.scale_dtype}' is unknown: choose fp16 or fp32")
         if self.family not in FAMILIES:
             raise SpecError(f"kernel family '{self.family}' is unknown: choose one of {', '.join(FAMILIES)}")
+        if self.family == "wq_a8":
+            if self.batch != 1:
+                raise SpecError("int8 activations are a matrix-vector (batch 1) kernel: prefill keeps fp32 activations")
+            if self.bits not in A8_BITS:
+                raise SpecError(f"int8 activations need bits {' or '.join(map(str, A8_BITS))}, not {self.bits}")
+            if self.group is None or self.group % A8_BLOCK:
+                raise SpecError(f"int8 activations need a group that is a multiple of {A8_BLOCK}, not "
+                                f"{self.group or 'a whole row'}")
 
     @property
     def kind(self) -> str:
@@ -73,7 +83,8 @@ class KernelSpec:
     def name(self) -> str:
         g = f"g{self.group}" if self.group else "grow"
         mode = "sym" if self.symmetric else "asym"
-        return f"{self.kind}_q{self.bits}_{g}_{mode}_{self.scale_dtype}_{self.isa}_m{self.rows}k{self.cols}"
+        a8 = "_a8" if self.family == "wq_a8" else ""
+        return f"{self.kind}{a8}_q{self.bits}_{g}_{mode}_{self.scale_dtype}_{self.isa}_m{self.rows}k{self.cols}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +113,15 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
     regs = VECTOR_REGISTERS[spec.isa]
     if schedule.row_vectors < 1 or schedule.accumulators < 1 or schedule.col_tile < 1 or schedule.threads < 1:
         raise SpecError(f"schedule {schedule.tag()}: tile sizes and threads must be at least 1")
-    if spec.kind == "gemv":
+    if spec.family == "wq_a8":
+        if schedule.col_tile != 1 or schedule.k_block != 0 or schedule.accumulators != 1:
+            raise SpecError("an int8-activation schedule has col_tile 1, k_block 0 and accumulators 1 (one int16 sum "
+                            "per row vector)")
+        subs = 8 // spec.bits
+        if 3 * schedule.row_vectors + subs + 3 > regs:
+            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x3 sums, {subs} x broadcasts, a mask "
+                            f"and two temporaries need more than the {regs} vector registers of {spec.isa}")
+    elif spec.kind == "gemv":
         if schedule.col_tile != 1 or schedule.k_block != 0:
             raise SpecError("a matrix-vector schedule has col_tile 1 and k_block 0")
         masks = len({e.mask for e in lay.extracts})
@@ -131,13 +150,29 @@ class QuantSpec:
     method: str = "rtn"  # or "gptq"
     head_bits: int = 8
     head_group: int | None = 32
+    activations: str = "auto"  # decode's: "int8" quantizes x per block of 32 for integer dot products; "auto" takes
+    # int8 where the format allows it (bits 2 and 4, groups of multiples of 32), else "fp32"
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise SpecError(f"activations '{self.activations}' are unknown: choose {', '.join(ACTIVATIONS)}")
+        if self.activations == "int8":
+            KernelSpec(1, 1, self.bits, self.group, family="wq_a8")  # names the rule int8 activations break
+
+    @property
+    def int8_activations(self) -> bool:
+        allowed = self.bits in A8_BITS and self.group is not None and self.group % A8_BLOCK == 0
+        return self.activations == "int8" or (self.activations == "auto" and allowed)
 
     def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
+        """The decode (matrix-vector) spec of a layer; prefill takes it with fp32 activations (prefill_spec)."""
         if head:
             return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
-        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa)
+        family = "wq_a8" if self.int8_activations else "wq_f32"
+        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa, family=family)
 
 
+ACTIVATIONS = ("auto", "fp32", "int8")
 STEP_LINEARS = ("qkv", "o", "gate_up", "down")  # a layer's matrix products, in the order a step runs them
 
 
@@ -181,6 +216,7 @@ class StepSpec:
     def name(self) -> str:
         q = self.quant
         body, head = self.linears()["qkv"], self.linears()["head"]
-        fmt = lambda k: f"q{k.bits}{f'g{k.group}' if k.group else 'grow'}{'sym' if k.symmetric else 'asym'}"
+        fmt = lambda k: (f"q{k.bits}{f'g{k.group}' if k.group else 'grow'}{'sym' if k.symmetric else 'asym'}"
+                         f"{'a8' if k.family == 'wq_a8' else ''}")
         return (f"step_l{self.layers}_d{self.hidden}_h{self.heads}kv{self.kv_heads}x{self.head_dim}_f{self.intermediate}"
                 f"_v{self.vocab}_{fmt(body)}_{q.scale_dtype}_head_{fmt(head)}_{self.isa}")

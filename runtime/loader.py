@@ -127,7 +127,7 @@ class Step:
         self.linears["head"].check(head)
         arrays += [_floats(norm, (s.hidden,), "final norm"), head.words, head.scales, head.offsets]
         pointers = ffi.new("void *[]", [ffi.NULL if a is None else ffi.from_buffer(a) for a in arrays])
-        scratch: dict[int, np.ndarray] = {}  # by context
+        scratch: dict[tuple[int, int], np.ndarray] = {}  # by context and threads
         cache_shape = (s.layers, s.kv_heads)
         default_threads = threads
 
@@ -144,13 +144,13 @@ class Step:
             threads = default_threads if threads is None else threads
             if threads < 1:
                 raise ValueError(f"threads={threads}: at least 1")
-            if context not in scratch:
+            if (context, threads) not in scratch:
                 scratch.clear()
-                scratch[context] = np.empty(self._scratch(context), np.float32)
+                scratch[context, threads] = np.empty(self._scratch(context, threads), np.float32)
             logits = np.empty(s.vocab, np.float32)
             f = lambda a: ffi.cast("float *", ffi.from_buffer(a, require_writable=True))
             self._fn(pointers, f(x), f(k_cache), f(v_cache), f(rope_cos), f(rope_sin), pos, context, f(logits),
-                     f(scratch[context]), threads)
+                     f(scratch[context, threads]), threads)
             return logits
 
         return run

@@ -94,7 +94,7 @@ class Linear:
             self.packed = None
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
-            gemv, gemm = kernels[spec], kernels[replace(spec, batch=PREFILL_BATCH)]
+            gemv, gemm = kernels[spec], kernels[prefill_spec(spec)]
             self.packed = gemv.pack(m)  # the matrix-vector kernel's format, which the decode step reads too
             self.decode, self.prefill = gemv.bind(self.packed), gemm.bind(gemm.pack(m))
 
@@ -105,6 +105,11 @@ class Linear:
         return y
 
 
+def prefill_spec(spec: KernelSpec) -> KernelSpec:
+    """The matrix-matrix twin of a decode spec: PREFILL_BATCH, fp32 activations (prefill is compute-bound)."""
+    return replace(spec, batch=PREFILL_BATCH, family="wq_f32")
+
+
 def build_kernels(specs: set[KernelSpec], threads: int,
                   steps: tuple[StepSpec, ...] = ()) -> dict[KernelSpec | StepSpec, Kernel | Step]:
     """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule, and decode
@@ -113,7 +118,7 @@ def build_kernels(specs: set[KernelSpec], threads: int,
     measured = bandwidth.stored(host)
     pairs = []
     for s in sorted(specs, key=lambda s: s.name):
-        for spec in (s, replace(s, batch=PREFILL_BATCH)):
+        for spec in (s, prefill_spec(s)):
             pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
     loaded, _ = build_library(pairs, host, steps)
     return {s: loaded[kernel_name(s, sch)] for s, sch in pairs} | {step: loaded[step.name] for step in steps}
@@ -281,9 +286,11 @@ class Model:
         if rest:
             yield rest
 
-    def perplexity(self, text: str, ctx: int = 512, all_tokens: bool = False) -> tuple[float, int]:
+    def perplexity(self, text: str, ctx: int = 512, all_tokens: bool = False, decode: bool = False) -> tuple[float, int]:
         """exp(mean negative log-likelihood) over non-overlapping windows of ctx tokens, scoring the second
-        half of each window as llama.cpp does (all_tokens: every token after the first). Returns (ppl, scored)."""
+        half of each window as llama.cpp does (all_tokens: every token after the first). decode: feed the windows
+        one token at a time, through the decode path that generation uses (which may quantize activations to
+        int8), instead of in prefill chunks. Returns (ppl, scored)."""
         ids = self.tokenizer.encode(text)
         if len(ids) < ctx:
             raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")
@@ -291,8 +298,11 @@ class Model:
         for start in range(0, len(ids) - ctx + 1, ctx):
             window = ids[start:start + ctx]
             state = self.new_state(ctx)
-            logits = np.concatenate([self.forward(window[i:i + PREFILL_CHUNK], state, all_logits=True)
-                                     for i in range(0, ctx, PREFILL_CHUNK)])
+            if decode:
+                logits = np.stack([self.forward([token], state) for token in window])
+            else:
+                logits = np.concatenate([self.forward(window[i:i + PREFILL_CHUNK], state, all_logits=True)
+                                         for i in range(0, ctx, PREFILL_CHUNK)])
             first = 0 if all_tokens else ctx // 2
             z = logits[first:-1].astype(np.float64)
             logp = z - z.max(-1, keepdims=True)

@@ -23,3 +23,13 @@ static inline vi vi_and(vi a, vi b) { return a & b; }
 static inline vi vi_or(vi a, vi b) { return a | b; }
 #define vi_srl(a, n) ((a) >> (n))
 static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
+/* int8 activations, one 32-bit lane: u8 x s8 products of bytes 0-1 and 2-3 summed into int16 halves (the kernels
+   keep every sum within int16, so the saturation of the SIMD instruction never applies), int16 adds, halves summed */
+static inline vi vi_maddubs(vi u, vi s)
+{
+    int32_t lo = (int32_t)(u & 0xff) * (int8_t)(s & 0xff) + (int32_t)((u >> 8) & 0xff) * (int8_t)((s >> 8) & 0xff);
+    int32_t hi = (int32_t)((u >> 16) & 0xff) * (int8_t)((s >> 16) & 0xff) + (int32_t)(u >> 24) * (int8_t)(s >> 24);
+    return (uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16;
+}
+static inline vi vi_add16(vi a, vi b) { return (uint32_t)(uint16_t)(a + b) | (uint32_t)(uint16_t)((a >> 16) + (b >> 16)) << 16; }
+static inline vi vi_madd1(vi a) { return (uint32_t)((int32_t)(int16_t)(a & 0xffff) + (int32_t)(int16_t)(a >> 16)); }

@@ -18,9 +18,9 @@ import pytest
 from perfmodel.host import detect, from_target
 from perfmodel.search import schedules
 from qigen.layout import layout, pack_codes, unpack_codes
-from qigen.quant import dequantize, quantize, reference
+from qigen.quant import dequantize, quantize, quantize_activations, reference
 from qigen.render import kernel_name, render
-from qigen.spec import BITS, GROUPS, ISA_FEATURES, ISAS, KernelSpec, Schedule
+from qigen.spec import A8_BITS, A8_BLOCK, BITS, GROUPS, ISA_FEATURES, ISAS, KernelSpec, Schedule
 from runtime.compiler import build, compile, compiler, flags
 from runtime.loader import load
 
@@ -32,12 +32,15 @@ GOLDEN = Path(__file__).parent / "golden"
 
 def variants(isa: str) -> list[tuple[KernelSpec, Schedule]]:
     pairs = []
-    for bits, batch in itertools.product(BITS, (1, 4)):
-        space = schedules(KernelSpec(64, 576, bits, isa=isa, batch=batch), threads=2)
-        for i in range(max(len(space), len(FORMATS))):
-            group, sym, dtype = FORMATS[i % len(FORMATS)]
+    kinds = [(bits, 1, "wq_f32") for bits in BITS] + [(bits, 4, "wq_f32") for bits in BITS]
+    kinds += [(bits, 1, "wq_a8") for bits in A8_BITS]
+    for bits, batch, family in kinds:
+        formats = [f for f in FORMATS if family == "wq_f32" or (f[0] or 1) % A8_BLOCK == 0]
+        space = schedules(KernelSpec(64, 576, bits, isa=isa, batch=batch, family=family), threads=2)
+        for i in range(max(len(space), len(formats))):
+            group, sym, dtype = formats[i % len(formats)]
             rows, cols = SHAPES[i % len(SHAPES)]
-            spec = KernelSpec(rows, cols, bits, group, sym, dtype, batch=batch, isa=isa)
+            spec = KernelSpec(rows, cols, bits, group, sym, dtype, batch=batch, isa=isa, family=family)
             pairs.append((spec, space[i % len(space)]))
     return pairs
 
@@ -88,14 +91,16 @@ def test_kernel_matches_reference(libraries, isa, spec, schedule):
     packed = kernel.pack(q)
     bias = rng.standard_normal(spec.rows).astype(np.float32)
     magnitude = np.abs(dequantize(q, spec)).T  # fp32 rounding scales with the sum of |terms|
+    seen = quantize_activations if spec.family == "wq_a8" else lambda x: x  # x as the kernel multiplies it
     for n in (1, 2, schedule.col_tile + 1, 7):
         x = rng.standard_normal((n, spec.cols)).astype(np.float32)
+        x[-1, :: 3] *= 50  # outliers: int8 activations scale each block by its own absmax
         for b in (None, bias):
             got = kernel(x, packed, bias=b, threads=2)
-            np.testing.assert_allclose(got, reference(x, q, spec, b), rtol=0,
+            np.testing.assert_allclose(got, reference(seen(x), q, spec, b), rtol=0,
                                        atol=2e-6 * (np.abs(x) @ magnitude).max() + 1e-6, err_msg=f"n={n}")
     vec = rng.standard_normal(spec.cols).astype(np.float32)
-    np.testing.assert_allclose(kernel(vec, packed, threads=1), reference(vec, q, spec), rtol=0,
+    np.testing.assert_allclose(kernel(vec, packed, threads=1), reference(seen(vec), q, spec), rtol=0,
                                atol=2e-6 * (np.abs(vec) @ magnitude).max())
 
 
@@ -147,6 +152,7 @@ def test_native_avx512_source_builds():
     target = from_target("skylake-avx512")
     pairs = [(KernelSpec(37, 100, b, 32, isa="avx512", batch=batch), s)
              for b in BITS for batch, s in ((1, Schedule(2, 2)), (8, Schedule(2, 1, 6, 64)))]
+    pairs += [(KernelSpec(37, 100, b, 32, isa="avx512", family="wq_a8"), Schedule(3, 1)) for b in A8_BITS]
     built = build(render(pairs, target.name).text, flags(target))
     assert built.path.stat().st_size > 0
     assert "-march=skylake-avx512" in built.flags

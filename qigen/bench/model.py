@@ -31,7 +31,7 @@ from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, n
 from qigen.bench.kernels import _bits, _group
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
-from qigen.spec import BITS, QuantSpec
+from qigen.spec import ACTIVATIONS, BITS, QuantSpec
 from runtime.checkpoint import Checkpoint, default_model, load as load_checkpoint
 from runtime.model import Model, RunState, Stats
 
@@ -48,11 +48,19 @@ def _method(text: str) -> str:
     return text
 
 
+def _activations(text: str) -> str:
+    if text not in ACTIVATIONS:
+        raise ValueError(f"activations {text} are not one of {', '.join(ACTIVATIONS)}")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--bits", type=comma_list(_bits), default=BITS, help="bits list (default 2,3,4,8)")
     p.add_argument("--group", type=comma_list(_group), default=(32, 128), help="group sizes or 'row' (default 32,128)")
     p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
+    p.add_argument("--activations", type=comma_list(_activations), default=("auto",),
+                   help="decode activations: auto (int8 where the format allows, else fp32), fp32, int8 (default auto)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
@@ -224,20 +232,27 @@ class Run:
             for t in self.args.threads:
                 model = make(t)
                 record["speed"][t] = self.speed(model, t, per_token)
-            record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx)
+            quant = getattr(getattr(model, "w", None), "quant", None)
+            if quant and quant.int8_activations:  # decode's numerics differ from prefill's: score what generation runs
+                record["perplexity_path"] = "decode"
+                record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx,
+                                                                                 decode=True)
+            else:
+                record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx)
         except Exception as e:  # e.g. GPTQ failing numerically: report it and go on with the rest
             record["error"] = f"{type(e).__name__}: {e}"
             log(f"{record['name']} FAILED: {record['error']}")
         return record | {"bytes_per_token": per_token + self.kv}
 
-    def qigen(self, bits: int, group: int | None, method: str) -> dict:
-        name = f"q{bits} g{group or 'row'} {method}"
-        path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}.qigen"
-        record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method}
+    def qigen(self, bits: int, group: int | None, method: str, activations: str) -> dict:
+        quant = QuantSpec(bits, group, method=method, activations=activations)
+        act = "int8" if quant.int8_activations else "fp32"
+        name = f"q{bits} g{group or 'row'} {method} {act}"
+        path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}.qigen"
+        record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act}
         try:
             t0 = time.perf_counter()
-            quantize_model(self.source, QuantSpec(bits, group, method=method), path, self.calib, act_order=True,
-                           progress=lambda s: None)
+            quantize_model(self.source, quant, path, self.calib, act_order=True, progress=lambda s: None)
             packed = packed_bytes(path)
             record |= {"quantize_s": time.perf_counter() - t0, "size_bytes": path.stat().st_size,
                        "packed_bytes": packed, "bits_per_weight": 8 * packed / self.weights}
@@ -476,8 +491,14 @@ def run(args: argparse.Namespace) -> dict:
     for n in notes:
         log(n)
     gptq = 1 + 8 * ckpt.config.layers / 30  # GPTQ costs several RTN quantizations; weights only steer the estimate
-    tasks = [Task(f"q{b} g{g or 'row'} {m}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m))
-             for b, g, m in itertools.product(args.bits, args.group, args.method)]
+    combos = {}  # (bits, group, method, resolved activations): "auto" may coincide with an explicit choice
+    for b, g, m, a in itertools.product(args.bits, args.group, args.method, args.activations):
+        try:
+            combos.setdefault((b, g, m, "int8" if QuantSpec(b, g, activations=a).int8_activations else "fp32"), a)
+        except ValueError as e:  # e.g. int8 activations asked for 3-bit weights
+            log(f"skipped: q{b} g{g or 'row'} {m} with {a} activations: {e}")
+    tasks = [Task(f"q{b} g{g or 'row'} {m} {act}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m, a))
+             for (b, g, m, act), a in combos.items()]
     tasks += [Task(n, 1, bench.qigen_fp32 if n == "qigen-fp32" else functools.partial(bench.torch, n.replace("-", " ")))
               for n in names if n != "llama.cpp"]
     if "llama.cpp" in names:
@@ -493,7 +514,9 @@ def run(args: argparse.Namespace) -> dict:
     notes += [
         f"Perplexity: the second half of the GNU GPL v3 ({len(bench.eval_ids)} tokens"
         f"{', cut by --max-windows' if args.max_windows else ''}) in windows of {args.ctx} tokens, the second half of "
-        "each window scored as llama.cpp does. GPTQ (act_order) calibrates on the first half: no overlap.",
+        "each window scored as llama.cpp does; formats that decode with int8 activations are scored through the "
+        "decode path (token by token), so the number is what generation computes. GPTQ (act_order) calibrates on "
+        "the first half: no overlap.",
         "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets; the head stays "
         f"8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
         "weights in memory).",

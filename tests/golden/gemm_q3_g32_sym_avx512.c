@@ -50,6 +50,14 @@ static inline vf vi_to_vf(vi a)
 static inline vf vf_load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vf vi_to_vf(vi a) { return _mm512_cvtepi32_ps(a); }
 #endif
+/* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
+static inline vi vi_maddubs(vi u, vi s) { return _mm512_maddubs_epi16(u, s); }
+static inline vi vi_add16(vi a, vi b) { return _mm512_add_epi16(a, b); }
+#ifdef QIGEN_SIMDE /* SIMDE 0.7's native alias of _mm512_madd_epi16 takes the masked form's four arguments */
+static inline vi vi_madd1(vi a) { return simde_mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+#else
+static inline vi vi_madd1(vi a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+#endif
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */

@@ -29,6 +29,16 @@ static inline vi vi_and(vi a, vi b) { return a & b; }
 static inline vi vi_or(vi a, vi b) { return a | b; }
 #define vi_srl(a, n) ((a) >> (n))
 static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
+/* int8 activations, one 32-bit lane: u8 x s8 products of bytes 0-1 and 2-3 summed into int16 halves (the kernels
+   keep every sum within int16, so the saturation of the SIMD instruction never applies), int16 adds, halves summed */
+static inline vi vi_maddubs(vi u, vi s)
+{
+    int32_t lo = (int32_t)(u & 0xff) * (int8_t)(s & 0xff) + (int32_t)((u >> 8) & 0xff) * (int8_t)((s >> 8) & 0xff);
+    int32_t hi = (int32_t)((u >> 16) & 0xff) * (int8_t)((s >> 16) & 0xff) + (int32_t)(u >> 24) * (int8_t)(s >> 24);
+    return (uint32_t)(uint16_t)lo | (uint32_t)(uint16_t)hi << 16;
+}
+static inline vi vi_add16(vi a, vi b) { return (uint32_t)(uint16_t)(a + b) | (uint32_t)(uint16_t)((a >> 16) + (b >> 16)) << 16; }
+static inline vi vi_madd1(vi a) { return (uint32_t)((int32_t)(int16_t)(a & 0xffff) + (int32_t)(int16_t)(a >> 16)); }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
@@ -36,10 +46,10 @@ static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
 
 /* gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 2-bit W of 37x100, schedule r2a2n1kb0.
    Tiles of 2 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 112 floats); x summed per group for the offsets (xsum) */
-static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* scratch (113 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
+static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_prep(const float *xj, float *scratch)
 {
+    float *xs = scratch, *xsum = scratch + 112;
     static const float prescale[16] = { 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f, 1.0f, 0.25f, 0.0625f, 0.015625f };
     for (int c = 0; c < 6; c++)
         for (int i = 0; i < 16; i++)
@@ -59,8 +69,9 @@ static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_prep(const float *xj
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+                               const float *scratch, const float *bias, float *yj)
 {
+    const float *xs = scratch, *xsum = scratch + 112;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 19; t++) {
         const uint32_t *wt = w + (size_t)t * 14;
@@ -74,6 +85,7 @@ static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(const uint32_t
             int c1 = (g + 1) * 7 < 7 ? (g + 1) * 7 : 7;
             for (int c = g * 7; c < c1; c++) {
                 const uint32_t *wc = wt + (size_t)c * 2;
+                __builtin_prefetch((const char *)wc + 1024);
                 const float *xc = xs + c * 16;
                 vi w0_0 = vi_load(wc + 0);
                 vi v0_0 = w0_0;
@@ -168,21 +180,18 @@ static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(const uint32_t
                     p1_1 = vf_fma(vi_to_vf(vi_and(v1_3, vi_set1(0xc0u))), xb, p1_1);
                 }
             }
+            vf p0 = p0_0;
+            p0 = vf_add(p0, p0_1);
+            vf p1 = p1_0;
+            p1 = vf_add(p1, p1_1);
             const uint16_t *st = scales + ((size_t)t * 1 + g) * 2;
             const uint16_t *ot = offsets + ((size_t)t * 1 + g) * 2;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
-            {
-                vf p = p1_0;
-                p = vf_add(p, p1_1);
-                acc1 = vf_fma(p, vf_load_h(st + 1), acc1);
-                acc1 = vf_fma(vf_load_h(ot + 1), xg, acc1);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+            acc1 = vf_fma(p1, vf_load_h(st + 1), acc1);
+            acc1 = vf_fma(vf_load_h(ot + 1), xg, acc1);
+
         }
         float out[2];
         vf_store(out + 0, acc0);
@@ -195,15 +204,15 @@ static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(const uint32_t
 
 int gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (112 + 1));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 113);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_prep(x + (size_t)j * 100, xs, xs + 112);
+        gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_prep(x + (size_t)j * 100, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 112, bias, y + (size_t)j * 37);
+        gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 37);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 

@@ -23,6 +23,10 @@ static inline vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
+/* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
+static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
+static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
+static inline vi vi_madd1(vi a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
@@ -30,10 +34,10 @@ static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
 
 /* gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 4096x4096, schedule r2a2n1kb0.
    Tiles of 16 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 4096 floats); x summed per group for the offsets (xsum) */
-static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* scratch (4128 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
+static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *xj, float *scratch)
 {
+    float *xs = scratch, *xsum = scratch + 4096;
     static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
     for (int c = 0; c < 512; c++)
         for (int i = 0; i < 8; i++)
@@ -53,8 +57,9 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *x
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+                               const float *scratch, const float *bias, float *yj)
 {
+    const float *xs = scratch, *xsum = scratch + 4096;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 256; t++) {
         const uint32_t *wt = w + (size_t)t * 8192;
@@ -68,6 +73,7 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
             int c1 = (g + 1) * 16 < 512 ? (g + 1) * 16 : 512;
             for (int c = g * 16; c < c1; c++) {
                 const uint32_t *wc = wt + (size_t)c * 16;
+                __builtin_prefetch((const char *)wc + 1024);
                 const float *xc = xs + c * 8;
                 vi w0_0 = vi_load(wc + 0);
                 vi v0_0 = w0_0;
@@ -118,21 +124,18 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
                     p1_1 = vf_fma(vi_to_vf(vi_and(v1_1, vi_set1(0xf000u))), xb, p1_1);
                 }
             }
+            vf p0 = p0_0;
+            p0 = vf_add(p0, p0_1);
+            vf p1 = p1_0;
+            p1 = vf_add(p1, p1_1);
             const uint16_t *st = scales + ((size_t)t * 32 + g) * 16;
             const uint16_t *ot = offsets + ((size_t)t * 32 + g) * 16;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
-            {
-                vf p = p1_0;
-                p = vf_add(p, p1_1);
-                acc1 = vf_fma(p, vf_load_h(st + 8), acc1);
-                acc1 = vf_fma(vf_load_h(ot + 8), xg, acc1);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+            acc1 = vf_fma(p1, vf_load_h(st + 8), acc1);
+            acc1 = vf_fma(vf_load_h(ot + 8), xg, acc1);
+
         }
         float out[16];
         vf_store(out + 0, acc0);
@@ -145,15 +148,15 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
 
 int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (4096 + 32));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 4128);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(x + (size_t)j * 4096, xs, xs + 4096);
+        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(x + (size_t)j * 4096, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 4096, bias, y + (size_t)j * 4096);
+        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 4096);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 

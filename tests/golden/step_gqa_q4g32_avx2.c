@@ -23,95 +23,85 @@ static inline vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
+/* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
+static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
+static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
+static inline vi vi_madd1(vi a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
 static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
-/* gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 120x72, schedule r1a2n1kb0.
-   Tiles of 8 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 72 floats); x summed per group for the offsets (xsum) */
-static void gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 120x72, schedule r1a1n1kb0.
+   Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
+   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
-    for (int c = 0; c < 9; c++)
-        for (int i = 0; i < 8; i++)
-            xs[c * 8 + i] = xj[c * 8 + i] * prescale[i];
-    for (int i = 72; i < 72; i++)
-        xs[i] = i < 72 ? xj[i] * prescale[i % 8] : 0.0f;
-    for (int g = 0; g < 3; g++) {
-        float s = 0.0f;
-        int i1 = (g + 1) * 32 < 72 ? (g + 1) * 32 : 72;
-#pragma omp simd reduction(+ : s)
-        for (int i = g * 32; i < i1; i++)
-            s += xj[i];
-        xsum[g] = s;
+    uint32_t *xw = (uint32_t *)scratch;
+    float *sx = scratch + 18, *xsum = sx + 3;
+    for (int g = 0; g < 3; g++)
+        xsum[g] = 0.0f;
+    for (int b = 0; b < 3; b++) {
+        int8_t q[32] = {0};
+        const int i0 = b * 32;
+        const int n = 72 - i0 < 32 ? 72 - i0 : 32;
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < n; i++) {
+            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            sum += q[i];
+        }
+        sx[b] = amax / 127.0f;
+        xsum[b / 1] += sx[b] * (float)sum;
+        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
+            for (int s = 0; s < 2; s++) {
+                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
+                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
+                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
+            }
     }
 }
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                               const float *scratch, const float *bias, float *yj)
 {
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 18, *xsum = sx + 3;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 15; t++) {
         const uint32_t *wt = w + (size_t)t * 72;
         vf acc0 = vf_zero();
         for (int g = 0; g < 3; g++) {
-            vf p0_0 = vf_zero();
-            vf p0_1 = vf_zero();
-            int c1 = (g + 1) * 4 < 9 ? (g + 1) * 4 : 9;
-            for (int c = g * 4; c < c1; c++) {
-                const uint32_t *wc = wt + (size_t)c * 8;
-                const float *xc = xs + c * 8;
-                vi w0_0 = vi_load(wc + 0);
-                vi v0_0 = w0_0;
-                vi v0_1 = vi_srl(w0_0, 16);
-
-                {
-                    vf xb = vf_set1(xc[0]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xfu))), xb, p0_0);
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 3 ? (g + 1) * 1 : 3;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int16 pairs: at most 8 x 2 x 15 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 4 < 9 ? (b + 1) * 4 : 9;
+                for (int c = b * 4; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 2 + 0]);
+                    vi x1 = vi_set1(xw[c * 2 + 1]);
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
-                {
-                    vf xb = vf_set1(xc[1]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[2]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[3]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf000u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[4]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xfu))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[5]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[6]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[7]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf000u))), xb, p0_1);
-                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
             }
             const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
             const uint16_t *ot = offsets + ((size_t)t * 3 + g) * 8;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+
         }
         float out[8];
         vf_store(out + 0, acc0);
@@ -121,105 +111,91 @@ static void gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_tiles(const uint32_t *w
     }
 }
 
-int gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (72 + 3));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 24);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_prep(x + (size_t)j * 72, xs, xs + 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 72, bias, y + (size_t)j * 120);
+        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 120);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 
 
-/* gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x72, schedule r1a2n1kb0.
-   Tiles of 8 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 72 floats); x summed per group for the offsets (xsum) */
-static void gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x72, schedule r1a1n1kb0.
+   Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
+   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
-    for (int c = 0; c < 9; c++)
-        for (int i = 0; i < 8; i++)
-            xs[c * 8 + i] = xj[c * 8 + i] * prescale[i];
-    for (int i = 72; i < 72; i++)
-        xs[i] = i < 72 ? xj[i] * prescale[i % 8] : 0.0f;
-    for (int g = 0; g < 3; g++) {
-        float s = 0.0f;
-        int i1 = (g + 1) * 32 < 72 ? (g + 1) * 32 : 72;
-#pragma omp simd reduction(+ : s)
-        for (int i = g * 32; i < i1; i++)
-            s += xj[i];
-        xsum[g] = s;
+    uint32_t *xw = (uint32_t *)scratch;
+    float *sx = scratch + 18, *xsum = sx + 3;
+    for (int g = 0; g < 3; g++)
+        xsum[g] = 0.0f;
+    for (int b = 0; b < 3; b++) {
+        int8_t q[32] = {0};
+        const int i0 = b * 32;
+        const int n = 72 - i0 < 32 ? 72 - i0 : 32;
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < n; i++) {
+            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            sum += q[i];
+        }
+        sx[b] = amax / 127.0f;
+        xsum[b / 1] += sx[b] * (float)sum;
+        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
+            for (int s = 0; s < 2; s++) {
+                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
+                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
+                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
+            }
     }
 }
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                               const float *scratch, const float *bias, float *yj)
 {
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 18, *xsum = sx + 3;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 9; t++) {
         const uint32_t *wt = w + (size_t)t * 72;
         vf acc0 = vf_zero();
         for (int g = 0; g < 3; g++) {
-            vf p0_0 = vf_zero();
-            vf p0_1 = vf_zero();
-            int c1 = (g + 1) * 4 < 9 ? (g + 1) * 4 : 9;
-            for (int c = g * 4; c < c1; c++) {
-                const uint32_t *wc = wt + (size_t)c * 8;
-                const float *xc = xs + c * 8;
-                vi w0_0 = vi_load(wc + 0);
-                vi v0_0 = w0_0;
-                vi v0_1 = vi_srl(w0_0, 16);
-
-                {
-                    vf xb = vf_set1(xc[0]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xfu))), xb, p0_0);
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 3 ? (g + 1) * 1 : 3;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int16 pairs: at most 8 x 2 x 15 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 4 < 9 ? (b + 1) * 4 : 9;
+                for (int c = b * 4; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 2 + 0]);
+                    vi x1 = vi_set1(xw[c * 2 + 1]);
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
-                {
-                    vf xb = vf_set1(xc[1]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[2]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[3]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf000u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[4]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xfu))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[5]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[6]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[7]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf000u))), xb, p0_1);
-                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
             }
             const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
             const uint16_t *ot = offsets + ((size_t)t * 3 + g) * 8;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+
         }
         float out[8];
         vf_store(out + 0, acc0);
@@ -229,105 +205,91 @@ static void gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_tiles(const uint32_t *w,
     }
 }
 
-int gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (72 + 3));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 24);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_prep(x + (size_t)j * 72, xs, xs + 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 72, bias, y + (size_t)j * 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 72);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 
 
-/* gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 200x72, schedule r1a2n1kb0.
-   Tiles of 8 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 72 floats); x summed per group for the offsets (xsum) */
-static void gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 200x72, schedule r1a1n1kb0.
+   Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
+   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
-    for (int c = 0; c < 9; c++)
-        for (int i = 0; i < 8; i++)
-            xs[c * 8 + i] = xj[c * 8 + i] * prescale[i];
-    for (int i = 72; i < 72; i++)
-        xs[i] = i < 72 ? xj[i] * prescale[i % 8] : 0.0f;
-    for (int g = 0; g < 3; g++) {
-        float s = 0.0f;
-        int i1 = (g + 1) * 32 < 72 ? (g + 1) * 32 : 72;
-#pragma omp simd reduction(+ : s)
-        for (int i = g * 32; i < i1; i++)
-            s += xj[i];
-        xsum[g] = s;
+    uint32_t *xw = (uint32_t *)scratch;
+    float *sx = scratch + 18, *xsum = sx + 3;
+    for (int g = 0; g < 3; g++)
+        xsum[g] = 0.0f;
+    for (int b = 0; b < 3; b++) {
+        int8_t q[32] = {0};
+        const int i0 = b * 32;
+        const int n = 72 - i0 < 32 ? 72 - i0 : 32;
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < n; i++) {
+            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            sum += q[i];
+        }
+        sx[b] = amax / 127.0f;
+        xsum[b / 1] += sx[b] * (float)sum;
+        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
+            for (int s = 0; s < 2; s++) {
+                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
+                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
+                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
+            }
     }
 }
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                               const float *scratch, const float *bias, float *yj)
 {
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 18, *xsum = sx + 3;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 25; t++) {
         const uint32_t *wt = w + (size_t)t * 72;
         vf acc0 = vf_zero();
         for (int g = 0; g < 3; g++) {
-            vf p0_0 = vf_zero();
-            vf p0_1 = vf_zero();
-            int c1 = (g + 1) * 4 < 9 ? (g + 1) * 4 : 9;
-            for (int c = g * 4; c < c1; c++) {
-                const uint32_t *wc = wt + (size_t)c * 8;
-                const float *xc = xs + c * 8;
-                vi w0_0 = vi_load(wc + 0);
-                vi v0_0 = w0_0;
-                vi v0_1 = vi_srl(w0_0, 16);
-
-                {
-                    vf xb = vf_set1(xc[0]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xfu))), xb, p0_0);
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 3 ? (g + 1) * 1 : 3;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int16 pairs: at most 8 x 2 x 15 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 4 < 9 ? (b + 1) * 4 : 9;
+                for (int c = b * 4; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 2 + 0]);
+                    vi x1 = vi_set1(xw[c * 2 + 1]);
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
-                {
-                    vf xb = vf_set1(xc[1]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[2]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[3]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf000u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[4]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xfu))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[5]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[6]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[7]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf000u))), xb, p0_1);
-                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
             }
             const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
             const uint16_t *ot = offsets + ((size_t)t * 3 + g) * 8;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+
         }
         float out[8];
         vf_store(out + 0, acc0);
@@ -337,105 +299,91 @@ static void gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_tiles(const uint32_t *w
     }
 }
 
-int gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (72 + 3));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 24);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_prep(x + (size_t)j * 72, xs, xs + 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 72, bias, y + (size_t)j * 200);
+        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 200);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 
 
-/* gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x100, schedule r1a2n1kb0.
-   Tiles of 8 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 104 floats); x summed per group for the offsets (xsum) */
-static void gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x100, schedule r1a1n1kb0.
+   Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
+/* scratch (34 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
+   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
-    for (int c = 0; c < 12; c++)
-        for (int i = 0; i < 8; i++)
-            xs[c * 8 + i] = xj[c * 8 + i] * prescale[i];
-    for (int i = 96; i < 104; i++)
-        xs[i] = i < 100 ? xj[i] * prescale[i % 8] : 0.0f;
-    for (int g = 0; g < 4; g++) {
-        float s = 0.0f;
-        int i1 = (g + 1) * 32 < 100 ? (g + 1) * 32 : 100;
-#pragma omp simd reduction(+ : s)
-        for (int i = g * 32; i < i1; i++)
-            s += xj[i];
-        xsum[g] = s;
+    uint32_t *xw = (uint32_t *)scratch;
+    float *sx = scratch + 26, *xsum = sx + 4;
+    for (int g = 0; g < 4; g++)
+        xsum[g] = 0.0f;
+    for (int b = 0; b < 4; b++) {
+        int8_t q[32] = {0};
+        const int i0 = b * 32;
+        const int n = 100 - i0 < 32 ? 100 - i0 : 32;
+        float amax = 0.0f;
+        for (int i = 0; i < n; i++)
+            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < n; i++) {
+            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            sum += q[i];
+        }
+        sx[b] = amax / 127.0f;
+        xsum[b / 1] += sx[b] * (float)sum;
+        for (int c = b * 4; c < (b + 1) * 4 && c < 13; c++)
+            for (int s = 0; s < 2; s++) {
+                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
+                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
+                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
+            }
     }
 }
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                               const float *scratch, const float *bias, float *yj)
 {
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 26, *xsum = sx + 4;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 9; t++) {
         const uint32_t *wt = w + (size_t)t * 104;
         vf acc0 = vf_zero();
         for (int g = 0; g < 4; g++) {
-            vf p0_0 = vf_zero();
-            vf p0_1 = vf_zero();
-            int c1 = (g + 1) * 4 < 13 ? (g + 1) * 4 : 13;
-            for (int c = g * 4; c < c1; c++) {
-                const uint32_t *wc = wt + (size_t)c * 8;
-                const float *xc = xs + c * 8;
-                vi w0_0 = vi_load(wc + 0);
-                vi v0_0 = w0_0;
-                vi v0_1 = vi_srl(w0_0, 16);
-
-                {
-                    vf xb = vf_set1(xc[0]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xfu))), xb, p0_0);
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 4 ? (g + 1) * 1 : 4;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int16 pairs: at most 8 x 2 x 15 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 4 < 13 ? (b + 1) * 4 : 13;
+                for (int c = b * 4; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 2 + 0]);
+                    vi x1 = vi_set1(xw[c * 2 + 1]);
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
-                {
-                    vf xb = vf_set1(xc[1]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[2]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[3]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xf000u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[4]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xfu))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[5]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf0u))), xb, p0_1);
-                }
-                {
-                    vf xb = vf_set1(xc[6]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[7]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xf000u))), xb, p0_1);
-                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
             }
             const uint16_t *st = scales + ((size_t)t * 4 + g) * 8;
             const uint16_t *ot = offsets + ((size_t)t * 4 + g) * 8;
             vf xg = vf_set1(xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(p, vf_load_h(st + 0), acc0);
-                acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
-            }
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+
         }
         float out[8];
         vf_store(out + 0, acc0);
@@ -445,27 +393,27 @@ static void gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_tiles(const uint32_t *w
     }
 }
 
-int gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (104 + 4));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 34);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_prep(x + (size_t)j * 100, xs, xs + 104);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(x + (size_t)j * 100, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 104, bias, y + (size_t)j * 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 72);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 
 
-/* gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a2n1kb0.
-   Tiles of 8 rows, one SIMD lane per row; 2 partial sums per row vector. */
-
-/* x scaled to meet AND-read codes (xs, 72 floats); x summed per group for the offsets (xsum) */
-static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_prep(const float *xj, float *xs, float *xsum)
+/* gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a1n1kb0.
+   Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
+/* scratch (75 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
+static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
+    float *xs = scratch, *xsum = scratch + 72;
     static const float prescale[4] = { 1.0f, 0.00390625f, 1.0f, 0.00390625f };
     for (int c = 0; c < 18; c++)
         for (int i = 0; i < 4; i++)
@@ -484,19 +432,20 @@ static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_prep(const float *xj, fl
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *xs, const float *xsum, const float *bias, float *yj)
+static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                               const float *scratch, const float *bias, float *yj)
 {
+    const float *xs = scratch, *xsum = scratch + 72;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 38; t++) {
         const uint32_t *wt = w + (size_t)t * 144;
         vf acc0 = vf_zero();
         for (int g = 0; g < 3; g++) {
             vf p0_0 = vf_zero();
-            vf p0_1 = vf_zero();
             int c1 = (g + 1) * 8 < 18 ? (g + 1) * 8 : 18;
             for (int c = g * 8; c < c1; c++) {
                 const uint32_t *wc = wt + (size_t)c * 8;
+                __builtin_prefetch((const char *)wc + 1024);
                 const float *xc = xs + c * 4;
                 vi w0_0 = vi_load(wc + 0);
                 vi v0_0 = w0_0;
@@ -508,7 +457,7 @@ static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles(const uint32_t *w,
                 }
                 {
                     vf xb = vf_set1(xc[1]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xff00u))), xb, p0_1);
+                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xff00u))), xb, p0_0);
                 }
                 {
                     vf xb = vf_set1(xc[2]);
@@ -516,16 +465,14 @@ static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles(const uint32_t *w,
                 }
                 {
                     vf xb = vf_set1(xc[3]);
-                    p0_1 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xff00u))), xb, p0_1);
+                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xff00u))), xb, p0_0);
                 }
             }
+            vf p0 = p0_0;
             const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
             vf zx = vf_set1(-128.0f * xsum[g]);
-            {
-                vf p = p0_0;
-                p = vf_add(p, p0_1);
-                acc0 = vf_fma(vf_add(p, zx), vf_load_h(st + 0), acc0);
-            }
+            acc0 = vf_fma(vf_add(p0, zx), vf_load_h(st + 0), acc0);
+
         }
         float out[8];
         vf_store(out + 0, acc0);
@@ -535,35 +482,35 @@ static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles(const uint32_t *w,
     }
 }
 
-int gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *xs = qigen_alloc(sizeof(float) * (72 + 3));
-    if (!xs)
+    float *scratch = qigen_alloc(sizeof(float) * 75);
+    if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_prep(x + (size_t)j * 72, xs, xs + 72);
+        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles(w, scales_, offsets_, xs, xs + 72, bias, y + (size_t)j * 300);
+        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 300);
     }
-    free(xs);
+    free(scratch);
     return 0;
 }
 
 
 
-/* step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
+/* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
    the token at `pos`, from its embedding in x to its logits, in one parallel region.
    weights: per layer 14 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
    gate_up and down), then the final norm and the head's words, scales and offsets.
    k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (head_dim / 2,) at pos.
    x is the residual stream: it is overwritten. */
-size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_scratch(int context)
+size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_scratch(int context, int threads)
 {
-    return 720 + (size_t)3 * context;
+    return 528 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 160;
 }
 
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rmsnorm(const float *x, const float *w, float *out)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(const float *x, const float *w, float *out)
 {
     float ss = 0.0f;
     for (int i = 0; i < 72; i++)
@@ -574,7 +521,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rms
 }
 
 /* rotate the pairs (i, i + head_dim/2) of one head by the angles at pos (Hugging Face's layout) */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rope(float *v, const float *cs, const float *sn)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rope(float *v, const float *cs, const float *sn)
 {
     for (int i = 0; i < 12; i++) {
         const float a = v[i], b = v[i + 12];
@@ -584,7 +531,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rop
 }
 
 /* softmax(q·K[0..pos] / sqrt(head_dim))·V[0..pos] for one query head, scores in sc */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_attend(const float *q, const float *kh, const float *vh, int pos, float *sc, float *out)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_attend(const float *q, const float *kh, const float *vh, int pos, float *sc, float *out)
 {
     float m = -INFINITY, sum = 0.0f;
     for (int t = 0; t <= pos; t++) {
@@ -609,30 +556,28 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_att
     }
 }
 
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
-    float *h = scratch + 0, *qkv = scratch + 80, *att = scratch + 208;
-    float *gate_up = scratch + 288, *hb = scratch + 496, *xs = scratch + 608;
-    float *scores = scratch + 720;
+    float *qkv = scratch + 0, *att = scratch + 128, *gate_up = scratch + 208;
+    float *hb = scratch + 416, *scores = scratch + 528;
     const size_t head_stride = (size_t)context * 24;
 #pragma omp parallel num_threads(threads)
     {
+        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 160;
+        float *h = own + 0, *xs = own + 80;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 14;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
             float *vc = v_cache + (size_t)l * 1 * head_stride;
             /* attention: q, k, v of the normed input */
-#pragma omp single
-            {
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rmsnorm(x, L[0], h);
-                gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_prep(h, xs, xs + 72);
-            }
-            gemv_q4_g32_asym_fp16_avx2_m120k72_r1a2n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, xs + 72, NULL, qkv);
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, L[0], h);
+            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, NULL, qkv);
             /* q and k rotated; k and v appended to the cache at pos */
 #pragma omp single
             {
                 for (int i = 0; i < 4; i++)
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rope(qkv + i * 24, rope_cos, rope_sin);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rope(qkv + i * 24, rope_cos, rope_sin);
                 for (int i = 0; i < 1; i++) {
                     memcpy(kc + i * head_stride + (size_t)pos * 24, qkv + 72 + i * 24, sizeof(float) * 24);
                     memcpy(vc + i * head_stride + (size_t)pos * 24, qkv + 96 + i * 24, sizeof(float) * 24);
@@ -641,37 +586,26 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2(const void 
             /* every query head attends over its key/value head's positions 0..pos */
 #pragma omp for schedule(static)
             for (int i = 0; i < 3; i++)
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_attend(qkv + i * 24, kc + (i / 3) * head_stride,
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_attend(qkv + i * 24, kc + (i / 3) * head_stride,
                                     vc + (i / 3) * head_stride, pos, scores + (size_t)i * context, att + i * 24);
             /* x += o·att */
-#pragma omp single
-            {
-                gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_prep(att, xs, xs + 72);
-            }
-            gemv_q4_g32_asym_fp16_avx2_m72k72_r1a2n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, xs + 72, x, x);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
             /* feed-forward: x += down·(silu(gate) * up) of the normed input */
-#pragma omp single
-            {
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rmsnorm(x, L[1], h);
-                gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_prep(h, xs, xs + 72);
-            }
-            gemv_q4_g32_asym_fp16_avx2_m200k72_r1a2n1kb0_tiles((const uint32_t *)L[8], L[9], L[10], xs, xs + 72, NULL, gate_up);
-#pragma omp single
-            {
-                for (int i = 0; i < 100; i++)  /* SwiGLU */
-                    hb[i] = gate_up[i] / (1.0f + expf(-gate_up[i])) * gate_up[100 + i];
-                gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_prep(hb, xs, xs + 104);
-            }
-            gemv_q4_g32_asym_fp16_avx2_m72k100_r1a2n1kb0_tiles((const uint32_t *)L[11], L[12], L[13], xs, xs + 104, x, x);
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, L[1], h);
+            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles((const uint32_t *)L[8], L[9], L[10], xs, NULL, gate_up);
+#pragma omp for schedule(static)
+            for (int i = 0; i < 100; i++)
+                hb[i] = gate_up[i] / (1.0f + expf(-gate_up[i])) * gate_up[100 + i];
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(hb, xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles((const uint32_t *)L[11], L[12], L[13], xs, x, x);
         }
         /* the head on the normed residual stream */
         const void *const *F = weights + 28;
-#pragma omp single
-        {
-            step_l2_d72_h3kv1x24_f100_v300_q4g32asym_fp16_head_q8g32sym_avx2_rmsnorm(x, F[0], h);
-            gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_prep(h, xs, xs + 72);
-        }
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a2n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], xs, xs + 72, NULL, logits);
+        step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, F[0], h);
+        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, xs);
+        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], xs, NULL, logits);
     }
     return 0;
 }
