@@ -37,11 +37,13 @@ def test_kernels_grid_runs_and_validates(out):
     out, results = out
     k = results["kernels"]
     qigen = [r for r in k["records"] if r["impl"] == "qigen"]
-    assert len(qigen) == 2 * 2 * 2 * 2 * 2  # shapes x bits x groups x batches x threads
+    # shapes x threads x (bits x groups x batches + int8-activation decode: 4-bit g32)
+    assert len(qigen) == 2 * 2 * (2 * 2 * 2 + 1)
+    assert {r["activations"] for r in qigen} == {"fp32", "int8"}
     assert {r["phase"] for r in qigen} == {"decode", "prefill"}
     assert {"torch fp32", "torch int8 dynamic", "numpy fp32"} <= {r["impl"] for r in k["records"]}
     assert all(len(r["times_s"]) == 2 for r in k["records"])
-    assert len(k["library"]["kernels"]) == 16 and all(m["chosen"] for m in k["library"]["kernels"])
+    assert len(k["library"]["kernels"]) == 18 and all(m["chosen"] for m in k["library"]["kernels"])
     assert (out / "kernels.png").read_bytes().startswith(PNG)
 
 

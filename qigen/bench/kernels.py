@@ -27,7 +27,7 @@ from qigen.bench import (BenchError, Progress, Task, comma_list, format_table, l
                          positive, render_text, summary, write)
 from qigen.pipeline import best_isa, build_library
 from qigen.render import kernel_name
-from qigen.spec import BITS, GROUPS, KernelSpec, MAX_BATCH
+from qigen.spec import A8_BITS, A8_BLOCK, BITS, GROUPS, KernelSpec, MAX_BATCH
 from runtime.loader import Kernel
 from runtime.timing import time_call, time_kernel
 
@@ -40,6 +40,7 @@ MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 f
 class Plan:
     shapes: tuple[tuple[int, int], ...]
     formats: tuple[tuple[int, int | None], ...]  # (bits, group)
+    activations: tuple[str, ...]  # decode's: fp32 and/or int8 (where the format allows); prefill is fp32
     batches: tuple[int, ...]  # 1: decode; more: prefill
     threads: tuple[int, ...]
     repeats: int
@@ -67,6 +68,12 @@ def _shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
+def _activations(text: str) -> str:
+    if text not in ("fp32", "int8"):
+        raise ValueError(f"activations {text} are not fp32 or int8")
+    return text
+
+
 def _batch(text: str) -> int:
     if positive(text) > MAX_BATCH:
         raise ValueError(f"batch {text} is above {MAX_BATCH}")
@@ -80,6 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=comma_list(_group), help="group sizes or 'row' (default 32,128)")
     p.add_argument("--batch", type=comma_list(_batch), help="batch sizes: 1 is decode, more is prefill (default 1,64)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
+    p.add_argument("--activations", type=comma_list(_activations), default=("fp32", "int8"),
+                   help="decode activations: fp32 and/or int8 (bits 2 and 4, groups of multiples of 32; default both)")
     p.add_argument("--repeat", type=positive, default=5, help="timed repeats; median and spread reported (default 5)")
     p.add_argument("--tune", action="store_true", help=f"time the {TUNE_TOP} best predicted schedules, keep the fastest")
     p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output directory (default results/)")
@@ -89,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def plan(args: argparse.Namespace, host: Host) -> Plan:
     return Plan(shapes=args.shape or LLAMA_7B,
                 formats=tuple(itertools.product(args.bits or BITS, args.group or (32, 128))),
+                activations=args.activations,
                 batches=args.batch or (1, 64), threads=args.threads or tuple(sorted({1, host.cores})),
                 repeats=args.repeat, tune=args.tune)
 
@@ -135,7 +145,8 @@ class Bench:
         spec, pred = kernel.spec, predict(kernel.spec, kernel.schedule, self.host, self.measured, threads)
         r = result("qigen", spec.rows, spec.cols, spec.batch, threads, time_kernel(kernel, threads, self.repeats),
                    pred.bytes)
-        return r | {"bits": spec.bits, "group": spec.group, "kernel": kernel.name, "predicted_s": pred.seconds,
+        return r | {"bits": spec.bits, "group": spec.group, "activations": "int8" if spec.family == "wq_a8" else "fp32",
+                    "kernel": kernel.name, "predicted_s": pred.seconds,
                     "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read_bandwidth(self.host, threads, self.measured)}
 
     def baseline(self, impl: str, rows: int, cols: int, n: int, threads: int | None) -> dict:
@@ -224,7 +235,7 @@ def tables(records: list[dict], impls: list[str]) -> dict[str, tuple[list[str], 
             continue
         vs = [find(records, impl=i, rows=r["rows"], cols=r["cols"], n=r["n"], threads=r["threads"]) for i in others]
         ratios = [f"{b['median_s'] / r['median_s']:.2f}x" if b else "-" for b in vs]
-        common = [shape, r["bits"], g, r["threads"], f"{r['median_s'] * 1e3:.3f}", f"{r['spread']:.0%}"]
+        common = [shape, r["bits"], g, r["activations"], r["threads"], f"{r['median_s'] * 1e3:.3f}", f"{r['spread']:.0%}"]
         if r["n"] == 1:
             decode.append(common + [f"{r['gb_per_s']:.1f}", f"{r['bandwidth_pct']:.0f}%",
                                     f"{r['predicted_s'] * 1e3:.3f}", *ratios])
@@ -232,9 +243,9 @@ def tables(records: list[dict], impls: list[str]) -> dict[str, tuple[list[str], 
             prefill.append(common[:1] + [r["n"]] + common[1:] + [f"{r['gflop_per_s']:.1f}",
                                                                  f"{r['predicted_s'] * 1e3:.3f}", *ratios])
     speedups = [f"vs {i}" for i in others]
-    return {"Decode (matrix-vector)": (["shape", "bits", "group", "threads", "ms", "spread", "GB/s", "% bw",
+    return {"Decode (matrix-vector)": (["shape", "bits", "group", "x", "threads", "ms", "spread", "GB/s", "% bw",
                                        "pred ms", *speedups], decode),
-            "Prefill (matrix-matrix)": (["shape", "n", "bits", "group", "threads", "ms", "spread", "GFLOP/s",
+            "Prefill (matrix-matrix)": (["shape", "n", "bits", "group", "x", "threads", "ms", "spread", "GFLOP/s",
                                          "pred ms", *speedups], prefill),
             "Baselines": (["shape", "n", "impl", "threads", "ms", "spread", "GB/s", "GFLOP/s"], base)}
 
@@ -250,18 +261,19 @@ def plot(records: list[dict], threads: tuple[int, ...], host: Host, measured: di
 
     rs = [r for r in records if r["impl"] == "qigen" and r["n"] == 1]
     shapes = list(dict.fromkeys((r["rows"], r["cols"]) for r in rs))
-    formats = sorted({(r["bits"], r["group"] or 0) for r in rs})
+    formats = sorted({(r["bits"], r["group"] or 0, r["activations"]) for r in rs})
     width = 0.8 / max(2 * len(formats), 1)
     fig, axes = plt.subplots(1, len(threads), figsize=(1 + (3 + 0.5 * len(shapes) * len(formats)) * len(threads), 4.5),
                              squeeze=False)
     for ax, t in zip(axes[0], threads):
-        for i, (bits, group) in enumerate(formats):
+        for i, (bits, group, act) in enumerate(formats):
             pts = [(s, r) for s, shape in enumerate(shapes) for r in rs if r["threads"] == t and
-                   (r["rows"], r["cols"]) == shape and (r["bits"], r["group"] or 0) == (bits, group)]
+                   (r["rows"], r["cols"]) == shape and (r["bits"], r["group"] or 0, r["activations"]) == (bits, group, act)]
             xs = [s + (2 * i - len(formats) + 0.5) * width for s, _ in pts]
-            ax.bar(xs, [r["gb_per_s"] for _, r in pts], width, color=f"C{i}", label=f"q{bits} g{group or 'row'}")
+            ax.bar(xs, [r["gb_per_s"] for _, r in pts], width, color=f"C{i % 10}",
+                   label=f"q{bits} g{group or 'row'}{' x int8' if act == 'int8' else ''}")
             ax.bar([x + width for x in xs], [r["bytes"] / r["predicted_s"] / 1e9 for _, r in pts], width,
-                   color="none", edgecolor=f"C{i}", hatch="//", label="predicted" if i == 0 else None)
+                   color="none", edgecolor=f"C{i % 10}", hatch="//", label="predicted" if i == 0 else None)
         bw = read_bandwidth(host, t, measured) / 1e9
         ax.axhline(bw, color="r", linestyle="--", label=f"read bandwidth {bw:.1f} GB/s")
         ax.set_xticks(range(len(shapes)), [f"{r}x{c}" for r, c in shapes])
@@ -284,7 +296,18 @@ def run(args: argparse.Namespace) -> dict:
     log("measuring the read bandwidth (1 and all cores) for this run")
     measured = bandwidth.measure()
     isa = best_isa(host)
-    specs = [KernelSpec(r, c, b, g, batch=n, isa=isa) for (r, c), n, (b, g) in itertools.product(p.shapes, p.batches, p.formats)]
+    specs = []
+    for (r, c), n, (b, g), act in itertools.product(p.shapes, p.batches, p.formats, p.activations):
+        if act == "int8" and n > 1:
+            continue  # prefill multiplies in fp32
+        if act == "int8" and (b not in A8_BITS or not g or g % A8_BLOCK):
+            if (r, c) == p.shapes[0] and n == 1:
+                log(f"skipped: q{b} g{g or 'row'} with int8 activations, which need bits 2 or 4 and groups of "
+                    f"multiples of {A8_BLOCK}")
+            continue
+        specs.append(KernelSpec(r, c, b, g, batch=n, isa=isa, family="wq_a8" if act == "int8" else "wq_f32"))
+    if not specs:
+        raise BenchError("nothing to measure: no format of the grid runs with the activations asked for")
     candidates, source_hash, manifest = build(specs, host, measured, TUNE_TOP if p.tune else 1)
     kernels = {}
     for spec, ks in candidates.items():
@@ -295,13 +318,14 @@ def run(args: argparse.Namespace) -> dict:
     bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in sorted(measured.items()))
     header = (f"{host.model} ({host.name}, {host.cores} cores, {isa}); read bandwidth {bw} (measured by this run); "
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
-    notes = ["Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
+    notes = ["x = activations: fp32, or int8 (x quantized per block of 32, integer dot products; decode only). "
+             "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
              "measured in this run; pred = the performance model's time. 'vs X' = X's time / qigen's time (above 1: "
              "qigen is faster). Every timing rotates weight copies that exceed 2x L3, so weights stream from memory.",
              *([noisy] if noisy else [])]
     plotted = plot(records, p.threads, host, measured, args.out / "kernels.png")
     data = info | {"isa": isa, "measured_bandwidth": {str(t): v for t, v in measured.items()}, "plan": {
-        "shapes": p.shapes, "formats": p.formats, "batches": p.batches, "threads": p.threads, "repeats": p.repeats,
+        "shapes": p.shapes, "formats": p.formats, "activations": p.activations, "batches": p.batches, "threads": p.threads, "repeats": p.repeats,
         "tune": p.tune}, "baselines": impls, "library": {"source_sha256": source_hash, "kernels": [
             manifest[spec] | {"chosen": k.name} for spec, k in kernels.items()]},
         "records": records, "noisy": noisy, "plots": ["kernels.png"] if plotted else []}
