@@ -38,6 +38,7 @@ from runtime.model import Model, RunState, Stats
 TEXT = Path(__file__).with_name("gpl-3.txt")
 PROMPT_TOKENS = 100  # the prompt of every speed run: the license's first 100 tokens
 WARMUP_TOKENS = 2
+PPL_RANGE = 4  # the plots show perplexity up to this factor above the best: past it a format is unusable
 METHODS = ("rtn", "gptq")
 LLAMA_CPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
@@ -466,8 +467,13 @@ def plot(records: list[dict], most: int, path: Path) -> bool:
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity (log)")
         ax.set_yscale("log")
+        best_ppl = min(r["perplexity"] for r in ok)
+        ax.set_ylim(best_ppl / 1.15, PPL_RANGE * best_ppl)
         ax.legend(fontsize="small")
+    off = [r["name"] for r in ok if r["perplexity"] > PPL_RANGE * min(r["perplexity"] for r in ok)]
     axes[0].set_title("colour: bits; o RTN, s GPTQ, * baselines (fp32, bf16, int8, llama.cpp)", fontsize=9)
+    if off:
+        axes[1].set_title(f"off the top (perplexity > {PPL_RANGE}x the best): {', '.join(off)}", fontsize=7, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
