@@ -23,7 +23,7 @@ from perfmodel import bandwidth
 from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, detect
 from perfmodel.search import bits_per_weight, rank
-from qigen.bench import (BenchError, Progress, Task, comma_list, format_table, log, machine, noisy_note, optional,
+from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional,
                          positive, render_text, summary, write)
 from qigen.pipeline import best_isa, build_library
 from qigen.render import kernel_name

@@ -166,22 +166,6 @@ def texts(ckpt: Checkpoint, ctx: int, max_windows: int | None) -> tuple[str, str
 def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
     """(weights of the linear layers and the output head, all parameters)."""
     c = ckpt.config
-    linear = c.layers * c.hidden * (c.head_dim * (2 * c.heads + 2 * c.kv_heads) + 3 * c.intermediate)
-    return linear + c.vocab_size * c.hidden, sum(t.size for t in ckpt.tensors.values())
-
-
-def packed_bytes(path: Path) -> int:
-    """Bytes of the .qigen file's linear-layer and head tensors (codes, scales, offsets): what decode streams."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "numpy") as f:
-        return sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("layers.", "head."))
-                   and k.endswith((".words", ".scales", ".offsets")))
-
-
-def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
-    """(weights of the linear layers and the output head, all parameters)."""
-    c = ckpt.config
     linear = c.layers * c.hidden * (c.head_dim * (c.heads + 2 * c.kv_heads) + c.heads * c.head_dim + 3 * c.intermediate)
     return linear + c.vocab_size * c.hidden, sum(t.size for t in ckpt.tensors.values())
 
@@ -524,7 +508,7 @@ def run(args: argparse.Namespace) -> dict:
         "decode path (token by token), so the number is what generation computes. GPTQ (act_order) calibrates on "
         "the first half: no overlap.",
         "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets; the head stays "
-        f"8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
+        "8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
         "weights in memory).",
         f"Speed: a {len(bench.prompt)}-token prompt, then {args.tokens} greedy tokens, after a {WARMUP_TOKENS}-token "
         "warm-up; spread = (max - min) / median of the decode runs. % bw rate = decode tokens/s / (read bandwidth / "
