@@ -62,6 +62,8 @@ def _chunk_cycles_gemv(spec: KernelSpec, schedule: Schedule) -> float:
     """Cycles for one chunk of codes across one tile's row vectors."""
     lay = layout(spec, schedule)
     r, a = schedule.row_vectors, schedule.accumulators
+    if spec.family == "wq_a8" and spec.bits == 8:  # load, xor, abs, sign, multiply-adds of bytes and of int16, add
+        return (7 * r + 1) / ISSUE[spec.isa]
     if spec.family == "wq_a8":  # per shift: (shift,) and, multiply-add of bytes, int16 add; one x broadcast each
         subs = 8 // spec.bits
         return (r * (1 + 4 * subs - 1) + subs) / ISSUE[spec.isa]

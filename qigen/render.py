@@ -53,6 +53,8 @@ class KernelParams:
     # int8 activations (0 otherwise): shifts per word, the byte mask, chunks per block of A8_BLOCK inputs, blocks
     subs: int
     byte_mask: int
+    dot8: bool  # 8-bit codes, read as signed bytes (code - 128) and summed in int32 per chunk
+    code_shift: float  # Σx's multiple added to each group's Σ code·x: minus a symmetric zero point, plus dot8's 128
     block_chunks: int
     blocks: int
     group_blocks: int
@@ -145,6 +147,8 @@ def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
     name = kernel_name(spec, schedule)
     a8 = spec.family == "wq_a8"
     subs = 8 // spec.bits if a8 else 0
+    dot8 = a8 and spec.bits == 8
+    zero_point = float(1 << (spec.bits - 1))
     block_chunks = A8_BLOCK // lay.chunk if a8 else 0
     blocks = -(-lay.chunks // block_chunks) if a8 else 0
     # fp32: x pre-scaled (padded) and group sums; int8: x's bytes as words per (chunk, shift), block scales, group sums
@@ -154,7 +158,8 @@ def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
         tag=schedule.tag(), scratch=scratch, subs=subs, byte_mask=0x01010101 * ((1 << spec.bits) - 1) if a8 else 0,
         block_chunks=block_chunks, blocks=blocks, prefetch=PREFETCH, group_blocks=spec.group_size // A8_BLOCK if a8 else 0,
         bits=spec.bits, rows=spec.rows, cols=spec.cols, padded_cols=lay.chunks * lay.chunk,
-        symmetric=spec.symmetric, zero_point=float(1 << (spec.bits - 1)),
+        symmetric=spec.symmetric, zero_point=zero_point, dot8=dot8,
+        code_shift=128.0 * dot8 - (zero_point if spec.symmetric else 0.0),
         stype="uint16_t" if spec.scale_dtype == "fp16" else "float",
         load_scale="vf_load_h" if spec.scale_dtype == "fp16" else "vf_load",
         vector_width=spec.vector_width, row_vectors=schedule.row_vectors, tile_rows=lay.tile_rows,

@@ -16,7 +16,7 @@ ISAS = ("avx512", "avx2", "scalar")  # best first
 ISA_FEATURES = {"avx512": ("avx512f", "avx512bw", "avx512vl", "f16c"), "avx2": ("avx2", "fma", "f16c"), "scalar": ()}
 SCALE_DTYPES = ("fp16", "fp32")
 FAMILIES = ("wq_f32", "wq_a8")  # weight-quantized with fp32 activations; or with int8 activations (integer dots)
-A8_BITS = (2, 4)  # int8 activations take codes that sit whole in bytes after one shift and AND
+A8_BITS = (2, 4, 8)  # int8 activations take codes that sit whole in bytes (after one shift and AND below 8 bits)
 A8_BLOCK = 32  # inputs per int8 activation scale (llama.cpp's Q8 block)
 MAX_BATCH = 512
 VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "scalar": 1}  # fp32 lanes
@@ -151,7 +151,7 @@ class QuantSpec:
     head_bits: int = 8
     head_group: int | None = 32
     activations: str = "auto"  # decode's: "int8" quantizes x per block of 32 for integer dot products; "auto" takes
-    # int8 where the format allows it (bits 2 and 4, groups of multiples of 32), else "fp32"
+    # int8 where the format allows it (bits 2, 4 and 8, groups of multiples of 32), else "fp32"; the head likewise
 
     def __post_init__(self) -> None:
         if self.activations not in ACTIVATIONS:
@@ -161,15 +161,19 @@ class QuantSpec:
 
     @property
     def int8_activations(self) -> bool:
-        allowed = self.bits in A8_BITS and self.group is not None and self.group % A8_BLOCK == 0
+        """Whether the linear layers decode with int8 activations."""
+        return self._int8(self.bits, self.group)
+
+    def _int8(self, bits: int, group: int | None) -> bool:
+        allowed = bits in A8_BITS and group is not None and group % A8_BLOCK == 0
         return self.activations == "int8" or (self.activations == "auto" and allowed)
 
     def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
         """The decode (matrix-vector) spec of a layer; prefill takes it with fp32 activations (prefill_spec)."""
-        if head:
-            return KernelSpec(rows, cols, self.head_bits, self.head_group, True, self.scale_dtype, isa=isa)
-        family = "wq_a8" if self.int8_activations else "wq_f32"
-        return KernelSpec(rows, cols, self.bits, self.group, self.symmetric, self.scale_dtype, isa=isa, family=family)
+        bits, group, symmetric = (self.head_bits, self.head_group, True) if head else (self.bits, self.group,
+                                                                                      self.symmetric)
+        family = "wq_a8" if self._int8(bits, group) else "wq_f32"
+        return KernelSpec(rows, cols, bits, group, symmetric, self.scale_dtype, isa=isa, family=family)
 
 
 ACTIVATIONS = ("auto", "fp32", "int8")

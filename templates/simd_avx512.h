@@ -52,3 +52,12 @@ static inline vi vi_madd1(vi a) { return simde_mm512_madd_epi16(a, _mm512_set1_e
 #else
 static inline vi vi_madd1(vi a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
 #endif
+/* 8-bit codes: (code - 128) x s8 activations, four bytes summed into each int32 lane (see simd_avx2.h); AVX-512
+   has no sign_epi8, so x is negated under the mask of negative codes (a zero code's product is zero anyway) */
+static inline vi vi_dot8(vi w, vi x)
+{
+    const vi c = _mm512_xor_si512(w, _mm512_set1_epi8((char)0x80));
+    return vi_madd1(_mm512_maddubs_epi16(_mm512_abs_epi8(c), _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(c),
+                                                                                  _mm512_setzero_si512(), x)));
+}
+static inline vi vi_add32(vi a, vi b) { return _mm512_add_epi32(a, b); }

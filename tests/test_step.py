@@ -95,10 +95,13 @@ def test_step_matches_python_forward(isa, fmt, size):
     quantized, final, head, reference = random_model(step)
     run = bound(build(step), quantized, final, head)
     ref = Model(reference, None, threads=2)
-    if step.quant.int8_activations:  # the layers' products see x as the kernels quantize it
-        for layer, lin in zip(reference.layers, ref.linears):
-            for n, product in lin.items():
+    int8 = {n for n, s in step.linears().items() if s.family == "wq_a8"}  # products that see x as the kernels quantize it
+    for layer, lin in zip(reference.layers, ref.linears):
+        for n, product in lin.items():
+            if n in int8:
                 product.decode = lambda x, threads, m=getattr(layer, n): quantize_activations(x) @ m.T
+    if "head" in int8:
+        ref.head.decode = lambda x, threads: quantize_activations(x) @ reference.head.T
     ref_state = ref.new_state(TOKENS)
     k, v = np.zeros_like(ref_state.k), np.zeros_like(ref_state.v)
     tokens = np.random.default_rng(1).integers(0, step.vocab, TOKENS)

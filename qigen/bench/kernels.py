@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=comma_list(_batch), help="batch sizes: 1 is decode, more is prefill (default 1,64)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--activations", type=comma_list(_activations), default=("fp32", "int8"),
-                   help="decode activations: fp32 and/or int8 (bits 2 and 4, groups of multiples of 32; default both)")
+                   help="decode activations: fp32 and/or int8 (bits 2, 4 and 8, groups of multiples of 32; default both)")
     p.add_argument("--repeat", type=positive, default=5, help="timed repeats; median and spread reported (default 5)")
     p.add_argument("--tune", action="store_true", help=f"time the {TUNE_TOP} best predicted schedules, keep the fastest")
     p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output directory (default results/)")
@@ -302,8 +302,8 @@ def run(args: argparse.Namespace) -> dict:
             continue  # prefill multiplies in fp32
         if act == "int8" and (b not in A8_BITS or not g or g % A8_BLOCK):
             if (r, c) == p.shapes[0] and n == 1:
-                log(f"skipped: q{b} g{g or 'row'} with int8 activations, which need bits 2 or 4 and groups of "
-                    f"multiples of {A8_BLOCK}")
+                log(f"skipped: q{b} g{g or 'row'} with int8 activations, which need bits "
+                    f"{', '.join(map(str, A8_BITS))} and groups of multiples of {A8_BLOCK}")
             continue
         specs.append(KernelSpec(r, c, b, g, batch=n, isa=isa, family="wq_a8" if act == "int8" else "wq_f32"))
     if not specs:

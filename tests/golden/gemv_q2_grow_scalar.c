@@ -39,6 +39,15 @@ static inline vi vi_maddubs(vi u, vi s)
 }
 static inline vi vi_add16(vi a, vi b) { return (uint32_t)(uint16_t)(a + b) | (uint32_t)(uint16_t)((a >> 16) + (b >> 16)) << 16; }
 static inline vi vi_madd1(vi a) { return (uint32_t)((int32_t)(int16_t)(a & 0xffff) + (int32_t)(int16_t)(a >> 16)); }
+/* 8-bit codes: (code - 128) x s8 activations, the four bytes summed */
+static inline vi vi_dot8(vi w, vi x)
+{
+    int32_t s = 0;
+    for (int b = 0; b < 32; b += 8)
+        s += ((int32_t)((w >> b) & 0xff) - 128) * (int8_t)((x >> b) & 0xff);
+    return (uint32_t)s;
+}
+static inline vi vi_add32(vi a, vi b) { return a + b; }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */

@@ -27,6 +27,14 @@ static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
 static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
 static inline vi vi_madd1(vi a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+/* 8-bit codes: (code - 128) x s8 activations, four bytes summed into each int32 lane; |code - 128| <= 128 and
+   |x| <= 127 keep each int16 pair sum within range. The sign of x moves onto the codes' magnitudes (maddubs takes u8) */
+static inline vi vi_dot8(vi w, vi x)
+{
+    const vi c = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    return vi_madd1(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c)));
+}
+static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */

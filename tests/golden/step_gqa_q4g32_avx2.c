@@ -27,6 +27,14 @@ static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
 static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
 static inline vi vi_madd1(vi a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+/* 8-bit codes: (code - 128) x s8 activations, four bytes summed into each int32 lane; |code - 128| <= 128 and
+   |x| <= 127 keep each int16 pair sum within range. The sign of x moves onto the codes' magnitudes (maddubs takes u8) */
+static inline vi vi_dot8(vi w, vi x)
+{
+    const vi c = _mm256_xor_si256(w, _mm256_set1_epi8((char)0x80));
+    return vi_madd1(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c)));
+}
+static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
@@ -47,12 +55,16 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
-        for (int i = 0; i < n; i++)
-            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(xj[i0 + i]);
+            amax = a > amax ? a : amax;
+        }
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
         sx[b] = amax / 127.0f;
@@ -141,12 +153,16 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj,
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
-        for (int i = 0; i < n; i++)
-            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(xj[i0 + i]);
+            amax = a > amax ? a : amax;
+        }
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
         sx[b] = amax / 127.0f;
@@ -235,12 +251,16 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
-        for (int i = 0; i < n; i++)
-            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(xj[i0 + i]);
+            amax = a > amax ? a : amax;
+        }
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
         sx[b] = amax / 127.0f;
@@ -329,12 +349,16 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj
         const int i0 = b * 32;
         const int n = 100 - i0 < 32 ? 100 - i0 : 32;
         float amax = 0.0f;
-        for (int i = 0; i < n; i++)
-            amax = fmaxf(amax, fabsf(xj[i0 + i]));
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(xj[i0 + i]);
+            amax = a > amax ? a : amax;
+        }
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int sum = 0;
+#pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)nearbyintf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
         sx[b] = amax / 127.0f;
@@ -408,70 +432,73 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const voi
 }
 
 
-/* gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a1n1kb0.
+/* gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (75 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
-static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, float *scratch)
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
+   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    float *xs = scratch, *xsum = scratch + 72;
-    static const float prescale[4] = { 1.0f, 0.00390625f, 1.0f, 0.00390625f };
-    for (int c = 0; c < 18; c++)
-        for (int i = 0; i < 4; i++)
-            xs[c * 4 + i] = xj[c * 4 + i] * prescale[i];
-    for (int i = 72; i < 72; i++)
-        xs[i] = i < 72 ? xj[i] * prescale[i % 4] : 0.0f;
-    for (int g = 0; g < 3; g++) {
-        float s = 0.0f;
-        int i1 = (g + 1) * 32 < 72 ? (g + 1) * 32 : 72;
-#pragma omp simd reduction(+ : s)
-        for (int i = g * 32; i < i1; i++)
-            s += xj[i];
-        xsum[g] = s;
+    uint32_t *xw = (uint32_t *)scratch;
+    float *sx = scratch + 18, *xsum = sx + 3;
+    for (int g = 0; g < 3; g++)
+        xsum[g] = 0.0f;
+    for (int b = 0; b < 3; b++) {
+        int8_t q[32] = {0};
+        const int i0 = b * 32;
+        const int n = 72 - i0 < 32 ? 72 - i0 : 32;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < n; i++) {
+            const float a = fabsf(xj[i0 + i]);
+            amax = a > amax ? a : amax;
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int i = 0; i < n; i++) {
+            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            sum += q[i];
+        }
+        sx[b] = amax / 127.0f;
+        xsum[b / 1] += sx[b] * (float)sum;
+        for (int c = b * 8; c < (b + 1) * 8 && c < 18; c++)
+            for (int s = 0; s < 1; s++) {
+                const int8_t *qc = q + (c - b * 8) * 4 + s;  /* code 1·j + s sits in byte j */
+                xw[c * 1 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[1] << 8
+                                         | (uint32_t)(uint8_t)qc[2] << 16 | (uint32_t)(uint8_t)qc[3] << 24;
+            }
     }
 }
 
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
-static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
                                const float *scratch, const float *bias, float *yj)
 {
-    const float *xs = scratch, *xsum = scratch + 72;
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 18, *xsum = sx + 3;
 #pragma omp for schedule(guided)
     for (int t = 0; t < 38; t++) {
         const uint32_t *wt = w + (size_t)t * 144;
         vf acc0 = vf_zero();
         for (int g = 0; g < 3; g++) {
-            vf p0_0 = vf_zero();
-            int c1 = (g + 1) * 8 < 18 ? (g + 1) * 8 : 18;
-            for (int c = g * 8; c < c1; c++) {
-                const uint32_t *wc = wt + (size_t)c * 8;
-                __builtin_prefetch((const char *)wc + 1024);
-                const float *xc = xs + c * 4;
-                vi w0_0 = vi_load(wc + 0);
-                vi v0_0 = w0_0;
-                vi v0_1 = vi_srl(w0_0, 16);
-
-                {
-                    vf xb = vf_set1(xc[0]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xffu))), xb, p0_0);
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 3 ? (g + 1) * 1 : 3;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int32: at most 32 x 128 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 8 < 18 ? (b + 1) * 8 : 18;
+                for (int c = b * 8; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 1 + 0]);
+                    s0 = vi_add32(s0, vi_dot8(vi_load(wc + 0), x0));
                 }
-                {
-                    vf xb = vf_set1(xc[1]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_0, vi_set1(0xff00u))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[2]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xffu))), xb, p0_0);
-                }
-                {
-                    vf xb = vf_set1(xc[3]);
-                    p0_0 = vf_fma(vi_to_vf(vi_and(v0_1, vi_set1(0xff00u))), xb, p0_0);
-                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(s0), d, p0);
             }
-            vf p0 = p0_0;
             const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
-            vf zx = vf_set1(-128.0f * xsum[g]);
-            acc0 = vf_fma(vf_add(p0, zx), vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
 
         }
         float out[8];
@@ -482,15 +509,15 @@ static void gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t *w,
     }
 }
 
-int gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 75);
+    float *scratch = qigen_alloc(sizeof(float) * 24);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 300);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 300);
     }
     free(scratch);
     return 0;
@@ -498,19 +525,19 @@ int gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *s
 
 
 
-/* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
+/* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
    the token at `pos`, from its embedding in x to its logits, in one parallel region.
    weights: per layer 14 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
    gate_up and down), then the final norm and the head's words, scales and offsets.
    k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (head_dim / 2,) at pos.
    x is the residual stream: it is overwritten. */
-size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_scratch(int context, int threads)
+size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
-    return 528 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 160;
+    return 528 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 128;
 }
 
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(const float *x, const float *w, float *out)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
 {
     float ss = 0.0f;
     for (int i = 0; i < 72; i++)
@@ -521,7 +548,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_r
 }
 
 /* rotate the pairs (i, i + head_dim/2) of one head by the angles at pos (Hugging Face's layout) */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rope(float *v, const float *cs, const float *sn)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(float *v, const float *cs, const float *sn)
 {
     for (int i = 0; i < 12; i++) {
         const float a = v[i], b = v[i + 12];
@@ -531,7 +558,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_r
 }
 
 /* softmax(q·K[0..pos] / sqrt(head_dim))·V[0..pos] for one query head, scores in sc */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_attend(const float *q, const float *kh, const float *vh, int pos, float *sc, float *out)
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, int pos, float *sc, float *out)
 {
     float m = -INFINITY, sum = 0.0f;
     for (int t = 0; t <= pos; t++) {
@@ -556,28 +583,28 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_a
     }
 }
 
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
     float *qkv = scratch + 0, *att = scratch + 128, *gate_up = scratch + 208;
     float *hb = scratch + 416, *scores = scratch + 528;
     const size_t head_stride = (size_t)context * 24;
 #pragma omp parallel num_threads(threads)
     {
-        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 160;
+        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 128;
         float *h = own + 0, *xs = own + 80;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 14;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
             float *vc = v_cache + (size_t)l * 1 * head_stride;
             /* attention: q, k, v of the normed input */
-            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, L[0], h);
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, NULL, qkv);
             /* q and k rotated; k and v appended to the cache at pos */
 #pragma omp single
             {
                 for (int i = 0; i < 4; i++)
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rope(qkv + i * 24, rope_cos, rope_sin);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(qkv + i * 24, rope_cos, rope_sin);
                 for (int i = 0; i < 1; i++) {
                     memcpy(kc + i * head_stride + (size_t)pos * 24, qkv + 72 + i * 24, sizeof(float) * 24);
                     memcpy(vc + i * head_stride + (size_t)pos * 24, qkv + 96 + i * 24, sizeof(float) * 24);
@@ -586,13 +613,13 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2(const voi
             /* every query head attends over its key/value head's positions 0..pos */
 #pragma omp for schedule(static)
             for (int i = 0; i < 3; i++)
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_attend(qkv + i * 24, kc + (i / 3) * head_stride,
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(qkv + i * 24, kc + (i / 3) * head_stride,
                                     vc + (i / 3) * head_stride, pos, scores + (size_t)i * context, att + i * 24);
             /* x += o·att */
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
             /* feed-forward: x += down·(silu(gate) * up) of the normed input */
-            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, L[1], h);
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[1], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles((const uint32_t *)L[8], L[9], L[10], xs, NULL, gate_up);
 #pragma omp for schedule(static)
@@ -603,9 +630,9 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2(const voi
         }
         /* the head on the normed residual stream */
         const void *const *F = weights + 28;
-        step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32sym_avx2_rmsnorm(x, F[0], h);
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, xs);
-        gemv_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], xs, NULL, logits);
+        step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, F[0], h);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, xs);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], xs, NULL, logits);
     }
     return 0;
 }
