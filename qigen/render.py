@@ -80,8 +80,9 @@ class StepParams:
     linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
     per_layer: int  # weight pointers per layer
     slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    at: dict[str, int]  # shared scratch offsets: qkv, att, gate_up, hb, then the scores (heads × context)
-    own: dict[str, int]  # offsets in each thread's own scratch, which follows the scores: h (normed x), xs (prepared x)
+    at: dict[str, int]  # shared scratch offsets: qkv, att, gate_up, then the scores (heads × context)
+    own: dict[str, int]  # offsets in each thread's own scratch, which follows the scores: h (normed x), hb (silu(gate)·up),
+    # k (a rotated key), xs (prepared x)
     own_floats: int
 
 
@@ -117,27 +118,32 @@ def step_prototypes(name: str) -> tuple[str, str]:
             f"size_t {name}_scratch(int context, int threads);")
 
 
+def offsets(floats: dict[str, int]) -> dict[str, int]:
+    """Consecutive parts of a scratch buffer, each starting on its own 64-byte line: name → offset in floats."""
+    at, end = {}, 0
+    for part, n in floats.items():
+        at[part], end = end, end + -(-n // 16) * 16
+    return at
+
+
 def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> StepParams:
     linears = {}
     for role, spec in step.linears().items():
         if spec not in kernels:
             raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
         linears[role] = kernels[spec]
-    lines = lambda floats: -(-floats // 16) * 16  # each part on its own 64-byte lines
-    sizes = {"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate,
-             "hb": step.intermediate}
-    at, end = {}, 0
-    for part, floats in sizes.items():
-        at[part], end = end, end + lines(floats)
-    at["scores"] = end
-    own = {"h": 0, "xs": lines(step.hidden)}
-    own_floats = own["xs"] + lines(max(k.scratch for k in linears.values()))
+    at = offsets({"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate,
+                  "scores": 0})
+    own = offsets({"h": step.hidden, "hb": step.intermediate, "k": step.head_dim,
+                   "xs": max(k.scratch for k in linears.values()), "end": 0})
+    own_floats = own.pop("end")
     run, scratch = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
         hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=step.heads // step.kv_heads,
         head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
-        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, own=own, own_floats=own_floats, per_layer=2 + 3 * len(STEP_LINEARS),
+        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, own=own, own_floats=own_floats,
+        per_layer=2 + 3 * len(STEP_LINEARS),
         slot={"attn_norm": 0, "ffn_norm": 1} | {role: 2 + 3 * i for i, role in enumerate(STEP_LINEARS)})
 
 

@@ -534,17 +534,46 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
    x is the residual stream: it is overwritten. */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
-    return 528 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 128;
+    return 416 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 272;
 }
 
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
 {
     float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
     for (int i = 0; i < 72; i++)
         ss += x[i] * x[i];
     const float r = 1.0f / sqrtf(ss / 72 + 1e-05f);
     for (int i = 0; i < 72; i++)
         out[i] = x[i] * r * w[i];
+}
+
+/* e^x in plain arithmetic that vectorizes: x = k·ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
+   r^6 (relative error under 3e-7), 2^k built in the exponent bits; x is clamped to [-87, 88] */
+static inline float step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  /* rounded to an integer */
+    const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  /* ln 2 in two parts: k·0.693359375 is exact */
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const union { int32_t i; float f; } two_k = { .i = ((int32_t)k + 127) << 23 };
+    return p * two_k.f;
+}
+
+static inline float step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(const float *a, const float *b)
+{
+    float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+    for (int i = 0; i < 24; i++)
+        d += a[i] * b[i];
+    return d;
 }
 
 /* rotate the pairs (i, i + head_dim/2) of one head by the angles at pos (Hugging Face's layout) */
@@ -557,41 +586,40 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     }
 }
 
-/* softmax(q·K[0..pos] / sqrt(head_dim))·V[0..pos] for one query head, scores in sc */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, int pos, float *sc, float *out)
+/* softmax(q·K / sqrt(head_dim))·V for one query head over positions 0..pos, scores in sc: positions before pos
+   from the caches kh and vh, pos itself from k and v (this token's, which another head may be writing to the cache) */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, const float *k, const float *v, int pos,
+                                float *sc, float *out)
 {
     float m = -INFINITY, sum = 0.0f;
     for (int t = 0; t <= pos; t++) {
-        float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-        for (int i = 0; i < 24; i++)
-            d += q[i] * kh[(size_t)t * 24 + i];
-        sc[t] = d * 0.2041241452319315f;
+        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, t < pos ? kh + (size_t)t * 24 : k) * 0.2041241452319315f;
         m = sc[t] > m ? sc[t] : m;
     }
+#pragma omp simd reduction(+ : sum)
     for (int t = 0; t <= pos; t++) {
-        sc[t] = expf(sc[t] - m);
+        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(sc[t] - m);
         sum += sc[t];
     }
     for (int i = 0; i < 24; i++)
         out[i] = 0.0f;
     for (int t = 0; t <= pos; t++) {
-        const float p = sc[t] / sum;
+        const float p = sc[t] / sum, *vt = t < pos ? vh + (size_t)t * 24 : v;
 #pragma omp simd
         for (int i = 0; i < 24; i++)
-            out[i] += p * vh[(size_t)t * 24 + i];
+            out[i] += p * vt[i];
     }
 }
 
 int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
     float *qkv = scratch + 0, *att = scratch + 128, *gate_up = scratch + 208;
-    float *hb = scratch + 416, *scores = scratch + 528;
+    float *scores = scratch + 416;
     const size_t head_stride = (size_t)context * 24;
 #pragma omp parallel num_threads(threads)
     {
-        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 128;
-        float *h = own + 0, *xs = own + 80;
+        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 272;
+        float *h = own + 0, *hb = own + 80, *k = own + 192, *xs = own + 224;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 14;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
@@ -600,21 +628,23 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, NULL, qkv);
-            /* q and k rotated; k and v appended to the cache at pos */
-#pragma omp single
-            {
-                for (int i = 0; i < 4; i++)
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(qkv + i * 24, rope_cos, rope_sin);
-                for (int i = 0; i < 1; i++) {
-                    memcpy(kc + i * head_stride + (size_t)pos * 24, qkv + 72 + i * 24, sizeof(float) * 24);
-                    memcpy(vc + i * head_stride + (size_t)pos * 24, qkv + 96 + i * 24, sizeof(float) * 24);
-                }
-            }
-            /* every query head attends over its key/value head's positions 0..pos */
+            /* every query head, rotated, attends over its key/value head's positions 0..pos; its key rotated in k; the
+               first query head of each key/value head appends that key and value to the cache at pos */
 #pragma omp for schedule(static)
-            for (int i = 0; i < 3; i++)
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(qkv + i * 24, kc + (i / 3) * head_stride,
-                                    vc + (i / 3) * head_stride, pos, scores + (size_t)i * context, att + i * 24);
+            for (int i = 0; i < 3; i++) {
+                const int g = i / 3;
+                float *q = qkv + i * 24;
+                const float *v = qkv + 96 + g * 24;
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q, rope_cos, rope_sin);
+                memcpy(k, qkv + 72 + g * 24, sizeof(float) * 24);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, rope_cos, rope_sin);
+                if (i % 3 == 0) {
+                    memcpy(kc + g * head_stride + (size_t)pos * 24, k, sizeof(float) * 24);
+                    memcpy(vc + g * head_stride + (size_t)pos * 24, v, sizeof(float) * 24);
+                }
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, k, v, pos, scores + (size_t)i * context,
+                                    att + i * 24);
+            }
             /* x += o·att */
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
@@ -622,9 +652,10 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[1], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles((const uint32_t *)L[8], L[9], L[10], xs, NULL, gate_up);
-#pragma omp for schedule(static)
+            /* every thread its own silu(gate)·up, like its own prepared x: cheaper than a barrier */
+#pragma omp simd
             for (int i = 0; i < 100; i++)
-                hb[i] = gate_up[i] / (1.0f + expf(-gate_up[i])) * gate_up[100 + i];
+                hb[i] = gate_up[i] / (1.0f + step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(-gate_up[i])) * gate_up[100 + i];
             gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(hb, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles((const uint32_t *)L[11], L[12], L[13], xs, x, x);
         }
