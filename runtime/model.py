@@ -200,6 +200,16 @@ class Model:
 
     def forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool = False) -> np.ndarray:
         """Run tokens at state.pos..; returns logits (T, vocab) if all_logits, else of the last token (vocab,)."""
+        tokens = np.asarray(tokens)
+        if state.pos + len(tokens) > state.k.shape[2]:
+            raise ValueError(f"{state.pos + len(tokens)} tokens exceed the context of {state.k.shape[2]}")
+        if self.step is not None and len(tokens) == 1 and not all_logits:  # decode: the whole model in one kernel
+            t0 = time.perf_counter()
+            logits = self.step(self.w.embed[tokens[0]].copy(), state.k, state.v, state.cos[state.pos],
+                               state.sin[state.pos], state.pos, self.threads)
+            self.step_seconds += time.perf_counter() - t0
+            state.pos += 1
+            return logits
         if self.w.quant is None:  # numpy's BLAS does the matrix products: let it use its threads
             return self._forward(tokens, state, all_logits)
         # the kernels' OpenMP threads own the cores: BLAS threads spinning beside them (attention's small
@@ -209,17 +219,7 @@ class Model:
 
     def _forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool) -> np.ndarray:
         c, th = self.config, self.threads
-        tokens = np.asarray(tokens)
         n, pos = len(tokens), state.pos
-        if pos + n > state.k.shape[2]:
-            raise ValueError(f"{pos + n} tokens exceed the context of {state.k.shape[2]}")
-        if self.step is not None and n == 1 and not all_logits:  # decode: the whole model in one generated kernel
-            t0 = time.perf_counter()
-            logits = self.step(self.w.embed[tokens[0]].copy(), state.k, state.v, state.cos[pos], state.sin[pos], pos,
-                               th)
-            self.step_seconds += time.perf_counter() - t0
-            state.pos += 1
-            return logits
         hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
         x = self.w.embed[tokens]  # (T, hidden) token embeddings
         causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions
