@@ -32,7 +32,7 @@ FORMATS = {
     "q4g32-int8": QuantSpec(4, 32, activations="int8"),
     "q2g64-sym-int8": QuantSpec(2, 64, symmetric=True, activations="int8"),
 }
-TOKENS = 6
+TOKENS = 10
 
 
 def step_spec(size: str, quant: QuantSpec, isa: str) -> StepSpec:

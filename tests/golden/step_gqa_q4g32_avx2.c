@@ -592,19 +592,46 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
                                 float *sc, float *out)
 {
     float m = -INFINITY, sum = 0.0f;
-    for (int t = 0; t <= pos; t++) {
-        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, t < pos ? kh + (size_t)t * 24 : k) * 0.2041241452319315f;
-        m = sc[t] > m ? sc[t] : m;
+    int t = 0;
+    for (; t + 4 <= pos; t += 4) {  /* four keys at a time: four independent sums */
+        const float *k0 = kh + (size_t)t * 24, *k1 = k0 + 24, *k2 = k1 + 24, *k3 = k2 + 24;
+        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma omp simd reduction(+ : d0, d1, d2, d3)
+        for (int i = 0; i < 24; i++) {
+            d0 += q[i] * k0[i];
+            d1 += q[i] * k1[i];
+            d2 += q[i] * k2[i];
+            d3 += q[i] * k3[i];
+        }
+        sc[t] = d0 * 0.2041241452319315f;
+        sc[t + 1] = d1 * 0.2041241452319315f;
+        sc[t + 2] = d2 * 0.2041241452319315f;
+        sc[t + 3] = d3 * 0.2041241452319315f;
     }
+    for (; t < pos; t++)
+        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, kh + (size_t)t * 24) * 0.2041241452319315f;
+    sc[pos] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, k) * 0.2041241452319315f;
+#pragma omp simd reduction(max : m)
+    for (t = 0; t <= pos; t++)
+        m = sc[t] > m ? sc[t] : m;
 #pragma omp simd reduction(+ : sum)
-    for (int t = 0; t <= pos; t++) {
+    for (t = 0; t <= pos; t++) {
         sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(sc[t] - m);
         sum += sc[t];
     }
+    const float r = 1.0f / sum;
+#pragma omp simd
     for (int i = 0; i < 24; i++)
-        out[i] = 0.0f;
-    for (int t = 0; t <= pos; t++) {
-        const float p = sc[t] / sum, *vt = t < pos ? vh + (size_t)t * 24 : v;
+        out[i] = sc[pos] * r * v[i];
+    for (t = 0; t + 4 <= pos; t += 4) {  /* four values at a time: a quarter of the loads and stores of out */
+        const float *v0 = vh + (size_t)t * 24, *v1 = v0 + 24, *v2 = v1 + 24, *v3 = v2 + 24;
+        const float p0 = sc[t] * r, p1 = sc[t + 1] * r, p2 = sc[t + 2] * r, p3 = sc[t + 3] * r;
+#pragma omp simd
+        for (int i = 0; i < 24; i++)
+            out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+    }
+    for (; t < pos; t++) {
+        const float p = sc[t] * r, *vt = vh + (size_t)t * 24;
 #pragma omp simd
         for (int i = 0; i < 24; i++)
             out[i] += p * vt[i];
