@@ -13,6 +13,7 @@ masks stay in registers.  3-bit packs 32 codes in three words: ten codes each, p
 """
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 from functools import cache
 
@@ -185,6 +186,33 @@ class PackedWeights:
     @property
     def nbytes(self) -> int:
         return self.words.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def contiguous(packs: list[PackedWeights]) -> list[PackedWeights]:
+    """Copies of `packs`, end to end in one buffer in that order, advised onto transparent huge pages. Decode streams
+    every layer's weights once a token: on 2 MiB pages that costs one TLB entry per 2 MiB instead of per 4 KiB
+    (numpy puts only arrays of 4 MiB and more there); measured on SmolLM2, +6% tokens/s at 2 threads, +11% at 1."""
+    lines = lambda a: -(-a.nbytes // 64) * 64  # each array starts on a cache line
+    buffer = mmap.mmap(-1, sum(lines(a) for p in packs for a in (p.words, p.scales, p.offsets) if a is not None)
+                       + HUGE_PAGE)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    memory = np.frombuffer(buffer, np.uint8)
+    start = -memory.ctypes.data % HUGE_PAGE
+
+    def place(a: np.ndarray | None) -> np.ndarray | None:
+        nonlocal start
+        if a is None:
+            return None
+        view = memory[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+        view[...] = a
+        start += lines(a)
+        return view
+
+    return [PackedWeights(p.layout, place(p.words), place(p.scales), place(p.offsets)) for p in packs]
 
 
 def pack(q, spec: KernelSpec, schedule: Schedule) -> PackedWeights:

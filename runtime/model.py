@@ -14,6 +14,7 @@ from threadpoolctl import ThreadpoolController
 from perfmodel import bandwidth
 from perfmodel.host import detect
 from perfmodel.search import rank
+from qigen.layout import PackedWeights, contiguous
 from qigen.pipeline import best_isa, build_library
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.render import kernel_name
@@ -95,9 +96,13 @@ class Linear:
             self.packed = None
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
-            gemv, gemm = kernels[spec], kernels[prefill_spec(spec)]
-            self.packed = gemv.pack(m)  # the matrix-vector kernel's format, which the decode step reads too
-            self.decode, self.prefill = gemv.bind(self.packed), gemm.bind(gemm.pack(m))
+            self._gemv, gemm = kernels[spec], kernels[prefill_spec(spec)]
+            self.place(self._gemv.pack(m))
+            self.prefill = gemm.bind(gemm.pack(m))
+
+    def place(self, packed: PackedWeights) -> None:
+        """Decode from `packed`: the matrix-vector kernel's format, which the decode step reads too."""
+        self.packed, self.decode = packed, self._gemv.bind(packed)
 
     def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -172,6 +177,10 @@ class Model:
         self.linears = [{n: Linear(getattr(l, n), kernels, specs.get((n, i))) for n in LINEARS}
                         for i, l in enumerate(weights.layers)]
         self.head = Linear(weights.head, kernels, specs.get("head"))
+        if q is not None:  # decode's weights end to end, in the order a token reads them, on huge pages
+            linears = [lin[n] for lin in self.linears for n in LINEARS] + [self.head]
+            for lin, packed in zip(linears, contiguous([lin.packed for lin in linears])):
+                lin.place(packed)
         if q is not None and fused:
             layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in LINEARS}
                       for l, lin in zip(weights.layers, self.linears)]

@@ -161,3 +161,22 @@ def test_native_avx512_source_builds():
     built = build(render(pairs, target.name).text, flags(target))
     assert built.path.stat().st_size > 0
     assert "-march=skylake-avx512" in built.flags
+
+
+def test_contiguous_copies_are_equal_and_end_to_end():
+    """Weights re-homed into one huge-page buffer keep their values, in order, each on its own cache lines."""
+    from qigen.layout import contiguous, pack
+
+    specs = [KernelSpec(37, 100, 4, 32), KernelSpec(20, 64, 8, 32, True)]
+    rng = np.random.default_rng(0)
+    packs = [pack(quantize(rng.standard_normal((s.rows, s.cols)).astype(np.float32), s), s, Schedule(1, 1))
+             for s in specs]
+    copies = contiguous(packs)
+    addresses = []
+    for p, c in zip(packs, copies):
+        for a, b in ((p.words, c.words), (p.scales, c.scales), (p.offsets, c.offsets)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
+                addresses.append(b.ctypes.data)
+    assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
