@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from perfmodel import bandwidth
-from perfmodel.cost import bandwidth as read_bandwidth
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional, positive,
                          render_text, summary, write)
@@ -38,6 +37,7 @@ from runtime.model import Model, RunState, Stats
 TEXT = Path(__file__).with_name("gpl-3.txt")
 PROMPT_TOKENS = 100  # the prompt of every speed run: the license's first 100 tokens
 WARMUP_TOKENS = 2
+PROBE_REPS = 3  # passes of the bandwidth probe around each speed run (best taken): a second or so
 PPL_RANGE = 4  # the plots show perplexity up to this factor above the best: past it a format is unusable
 METHODS = ("rtn", "gptq")
 LLAMA_CPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
@@ -180,10 +180,10 @@ def packed_bytes(path: Path) -> int:
 
 
 class Run:
-    """One invocation: the model, its texts, the machine's bandwidth and the options every measurement shares."""
+    """One invocation: the model, its texts and the options every measurement shares."""
 
-    def __init__(self, args: argparse.Namespace, ckpt: Checkpoint, source: Path, measured: dict[int, float]):
-        self.args, self.ckpt, self.source, self.measured, self.host = args, ckpt, source, measured, detect()
+    def __init__(self, args: argparse.Namespace, ckpt: Checkpoint, source: Path):
+        self.args, self.ckpt, self.source = args, ckpt, source
         self.calib, self.evaluation, self.prompt = texts(ckpt, args.ctx, args.max_windows)
         self.weights, self.params = weight_counts(ckpt)
         self.kv = kv_bytes(ckpt, len(self.prompt), args.tokens)
@@ -193,21 +193,32 @@ class Run:
                              f"{args.ctx}: lower --ctx")
 
     def speed(self, model, threads: int, per_token: float) -> dict:
-        """Prompt and decode tokens/s at `threads`: --repeat runs after a short warm-up, medians and spreads."""
+        """Prompt and decode tokens/s at `threads`: --repeat runs after a short warm-up, medians and spreads. The
+        read bandwidth is probed before and after every run (this host's swings by a third within minutes); each
+        run's share of the bandwidth rate takes the higher of its two probes."""
         list(model.generate(self.prompt, max_tokens=WARMUP_TOKENS, temperature=0))
-        runs = []
+        runs, probes = [], [self.probe(threads)]
         for _ in range(self.args.repeat):
             stats = Stats()
             list(model.generate(self.prompt, max_tokens=self.args.tokens, temperature=0, stats=stats))
             runs.append(stats.to_dict())
+            probes.append(self.probe(threads))
         prompt, decode = (summary([r[k] for r in runs]) for k in ("prompt_tokens_per_s", "decode_tokens_per_s"))
-        bw = read_bandwidth(self.host, threads, self.measured)
-        rate = bw / (per_token + self.kv)
+        bytes_per_token = per_token + self.kv
+        shares = [100 * r["decode_tokens_per_s"] * bytes_per_token / max(before, after)
+                  for r, before, after in zip(runs, probes, probes[1:])]
+        bw = float(np.median(probes))
         return {"prompt_tokens_per_s": prompt["median"], "prompt_spread": prompt["spread"],
                 "decode_tokens_per_s": decode["median"], "decode_spread": decode["spread"],
                 "decode_runs": decode["values"], "ms_per_token": 1e3 / decode["median"],
                 "share_in_kernels": float(np.median([r["decode_share_in_kernels"] for r in runs])),
-                "read_bandwidth": bw, "bandwidth_rate": rate, "bandwidth_pct": 100 * decode["median"] / rate}
+                "read_bandwidth": bw, "bandwidth_probes": probes, "bandwidth_rate": bw / bytes_per_token,
+                "bandwidth_pct": float(np.median(shares))}
+
+    @staticmethod
+    def probe(threads: int) -> float:
+        """The read bandwidth at `threads` now."""
+        return bandwidth.measure([threads], reps=PROBE_REPS)[threads]
 
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
@@ -475,7 +486,7 @@ def run(args: argparse.Namespace) -> dict:
     source = Path(args.model) if args.model else default_model(log)
     ckpt = load_checkpoint(source)
     (args.out / "models").mkdir(parents=True, exist_ok=True)
-    bench = Run(args, ckpt, source, measured)
+    bench = Run(args, ckpt, source)
     names = baselines(args.baselines, source)
     notes = divisibility_notes(ckpt, args.group)
     for n in notes:
@@ -511,8 +522,10 @@ def run(args: argparse.Namespace) -> dict:
         "8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
         "weights in memory).",
         f"Speed: a {len(bench.prompt)}-token prompt, then {args.tokens} greedy tokens, after a {WARMUP_TOKENS}-token "
-        "warm-up; spread = (max - min) / median of the decode runs. % bw rate = decode tokens/s / (read bandwidth / "
-        f"bytes read per token: packed weights plus {bench.kv / 1e6:.1f} MB of KV cache on average). % in kernels = "
+        "warm-up; spread = (max - min) / median of the decode runs. % bw rate = median over the runs of decode tokens/s / "
+        "(read bandwidth / bytes read per token: packed weights plus "
+        f"{bench.kv / 1e6:.1f} MB of KV cache on average), with the read bandwidth probed right before and after each "
+        "run, the higher of the two. % in kernels = "
         "share of qigen's decode time inside generated C (the decode step; numpy for qigen fp32).",
         "Baselines: the source checkpoint's weights (for the default GGUF its Q4_1 weights) dequantized and run by "
         "plain torch (nn.Linear, KV cache), by torch's dynamic int8 (quantize_dynamic), by qigen's fp32 path, and, "
