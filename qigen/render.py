@@ -120,12 +120,13 @@ def step_prototypes(name: str) -> tuple[str, str]:
             f"size_t {name}_scratch(int context, int threads);")
 
 
-def offsets(floats: dict[str, int]) -> dict[str, int]:
-    """Consecutive parts of a scratch buffer, each starting on its own 64-byte line: name → offset in floats."""
+def offsets(floats: dict[str, int]) -> tuple[dict[str, int], int]:
+    """Consecutive parts of a scratch buffer, each starting on its own 64-byte line: name → offset in floats, and
+    the floats they take together."""
     at, end = {}, 0
     for part, n in floats.items():
         at[part], end = end, end + -(-n // 16) * 16
-    return at
+    return at, end
 
 
 def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> StepParams:
@@ -134,11 +135,10 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         if spec not in kernels:
             raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
         linears[role] = kernels[spec]
-    at = offsets({"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate,
-                  "scores": 0})
-    own = offsets({"h": step.hidden, "hb": step.intermediate, "k": step.head_dim,
-                   "xs": max(k.scratch for k in linears.values()), "end": 0})
-    own_floats = own.pop("end")
+    at, end = offsets({"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate})
+    at["scores"] = end
+    own, own_floats = offsets({"h": step.hidden, "hb": step.intermediate, "k": step.head_dim,
+                               "xs": max(k.scratch for k in linears.values())})
     run, scratch = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
