@@ -82,10 +82,13 @@ class StepParams:
     linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
     per_layer: int  # weight pointers per layer
     slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    at: dict[str, int]  # shared scratch offsets: qkv, att, gate_up, then the scores (heads × context)
-    own: dict[str, int]  # offsets in each thread's own scratch, which follows the scores: h (normed x), hb (silu(gate)·up),
-    # k (a rotated key), xs (prepared x)
+    at: dict[str, int]  # shared scratch offsets: qkv, gate_up, then the scores (heads × context), then the attention
+    # parts (threads × heads × part_stride), then each thread's own scratch
+    own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up), q (a group's rotated
+    # query heads), k (its rotated key), att (the merged attention output), xs (prepared x)
     own_floats: int
+    part_stride: int  # floats per (split, head) attention part: head_dim outputs, then its max score and sum of exps
+    key_rows: int  # cache rows a group's query heads score at once: four independent sums at least
 
 
 @dataclass(frozen=True)
@@ -135,16 +138,19 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         if spec not in kernels:
             raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
         linears[role] = kernels[spec]
-    at, end = offsets({"qkv": linears["qkv"].rows, "att": step.heads * step.head_dim, "gate_up": 2 * step.intermediate})
+    group_heads = step.heads // step.kv_heads
+    at, end = offsets({"qkv": linears["qkv"].rows, "gate_up": 2 * step.intermediate})
     at["scores"] = end
-    own, own_floats = offsets({"h": step.hidden, "hb": step.intermediate, "k": step.head_dim,
+    own, own_floats = offsets({"h": step.hidden, "hb": step.intermediate, "q": group_heads * step.head_dim,
+                               "k": step.head_dim, "att": step.heads * step.head_dim,
                                "xs": max(k.scratch for k in linears.values())})
     run, scratch = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
-        hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=step.heads // step.kv_heads,
+        hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=group_heads,
         head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
         attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, own=own, own_floats=own_floats,
+        part_stride=offsets({"part": step.head_dim + 2})[1], key_rows=-(-4 // group_heads),
         per_layer=2 + 3 * len(STEP_LINEARS),
         slot={"attn_norm": 0, "ffn_norm": 1} | {role: 2 + 3 * i for i, role in enumerate(STEP_LINEARS)})
 

@@ -534,7 +534,8 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
    x is the residual stream: it is overwritten. */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
-    return 416 + ((size_t)3 * context + 15) / 16 * 16 + (size_t)threads * 272;
+    return 336 + ((size_t)3 * context + 15) / 16 * 16
+           + (size_t)threads * (96 + 432);
 }
 
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
@@ -586,67 +587,114 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     }
 }
 
-/* softmax(q·K / sqrt(head_dim))·V for one query head over positions 0..pos, scores in sc: positions before pos
-   from the caches kh and vh, pos itself from k and v (this token's, which another head may be writing to the cache) */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, const float *k, const float *v, int pos,
-                                float *sc, float *out)
+/* One part of the attention of key/value head g's 3 query heads (q, rotated, one after another):
+   positions t0..t1 of the caches kh and vh and, when last, this token's k and v at pos (t1 = pos then: another
+   part may be writing them to the cache). Each key row is read once for all the query heads. Per head into part:
+   the output not yet divided by the sum of exps, then the largest score, then that sum; scores in sc (a head's
+   every `context` floats). An empty part gives zeros and a score of -inf. */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, const float *k, const float *v, int t0,
+                                int t1, int last, int context, float *sc, float *part)
 {
-    float m = -INFINITY, sum = 0.0f;
-    int t = 0;
-    for (; t + 4 <= pos; t += 4) {  /* four keys at a time: four independent sums */
-        const float *k0 = kh + (size_t)t * 24, *k1 = k0 + 24, *k2 = k1 + 24, *k3 = k2 + 24;
-        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1, d2, d3)
+    int t = t0;
+    for (; t + 2 <= t1; t += 2) {
+        const float *k0 = kh + (size_t)(t + 0) * 24;
+        const float *k1 = kh + (size_t)(t + 1) * 24;
+        float d0_0 = 0.0f, d0_1 = 0.0f, d0_2 = 0.0f, d1_0 = 0.0f, d1_1 = 0.0f, d1_2 = 0.0f;
+#pragma omp simd reduction(+ : d0_0, d0_1, d0_2, d1_0, d1_1, d1_2)
         for (int i = 0; i < 24; i++) {
-            d0 += q[i] * k0[i];
-            d1 += q[i] * k1[i];
-            d2 += q[i] * k2[i];
-            d3 += q[i] * k3[i];
+            d0_0 += q[0 + i] * k0[i];
+            d0_1 += q[24 + i] * k0[i];
+            d0_2 += q[48 + i] * k0[i];
+            d1_0 += q[0 + i] * k1[i];
+            d1_1 += q[24 + i] * k1[i];
+            d1_2 += q[48 + i] * k1[i];
         }
-        sc[t] = d0 * 0.2041241452319315f;
-        sc[t + 1] = d1 * 0.2041241452319315f;
-        sc[t + 2] = d2 * 0.2041241452319315f;
-        sc[t + 3] = d3 * 0.2041241452319315f;
+        sc[0 * context + t + 0] = d0_0 * 0.2041241452319315f;
+        sc[1 * context + t + 0] = d0_1 * 0.2041241452319315f;
+        sc[2 * context + t + 0] = d0_2 * 0.2041241452319315f;
+        sc[0 * context + t + 1] = d1_0 * 0.2041241452319315f;
+        sc[1 * context + t + 1] = d1_1 * 0.2041241452319315f;
+        sc[2 * context + t + 1] = d1_2 * 0.2041241452319315f;
     }
-    for (; t < pos; t++)
-        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, kh + (size_t)t * 24) * 0.2041241452319315f;
-    sc[pos] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q, k) * 0.2041241452319315f;
+    for (; t < t1; t++)
+        for (int h = 0; h < 3; h++)
+            sc[h * context + t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q + h * 24, kh + (size_t)t * 24) * 0.2041241452319315f;
+    if (last)
+        for (int h = 0; h < 3; h++)
+            sc[h * context + t1] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q + h * 24, k) * 0.2041241452319315f;
+    const int te = t1 + last;
+    for (int h = 0; h < 3; h++) {
+        float *sh = sc + h * context, *out = part + h * 32;
+        float m = -INFINITY, sum = 0.0f;
 #pragma omp simd reduction(max : m)
-    for (t = 0; t <= pos; t++)
-        m = sc[t] > m ? sc[t] : m;
+        for (t = t0; t < te; t++)
+            m = sh[t] > m ? sh[t] : m;
 #pragma omp simd reduction(+ : sum)
-    for (t = 0; t <= pos; t++) {
-        sc[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(sc[t] - m);
-        sum += sc[t];
-    }
-    const float r = 1.0f / sum;
-#pragma omp simd
-    for (int i = 0; i < 24; i++)
-        out[i] = sc[pos] * r * v[i];
-    for (t = 0; t + 4 <= pos; t += 4) {  /* four values at a time: a quarter of the loads and stores of out */
-        const float *v0 = vh + (size_t)t * 24, *v1 = v0 + 24, *v2 = v1 + 24, *v3 = v2 + 24;
-        const float p0 = sc[t] * r, p1 = sc[t + 1] * r, p2 = sc[t + 2] * r, p3 = sc[t + 3] * r;
+        for (t = t0; t < te; t++) {
+            sh[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(sh[t] - m);
+            sum += sh[t];
+        }
+        const float pl = last ? sh[t1] : 0.0f;
 #pragma omp simd
         for (int i = 0; i < 24; i++)
-            out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+            out[i] = pl * v[i];
+        for (t = t0; t + 4 <= t1; t += 4) {  /* four values at a time: a quarter of the loads and stores of out */
+            const float *v0 = vh + (size_t)t * 24, *v1 = v0 + 24, *v2 = v1 + 24, *v3 = v2 + 24;
+            const float p0 = sh[t], p1 = sh[t + 1], p2 = sh[t + 2], p3 = sh[t + 3];
+#pragma omp simd
+            for (int i = 0; i < 24; i++)
+                out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+        }
+        for (; t < t1; t++) {
+            const float p = sh[t], *vt = vh + (size_t)t * 24;
+#pragma omp simd
+            for (int i = 0; i < 24; i++)
+                out[i] += p * vt[i];
+        }
+        out[24] = m;
+        out[25] = sum;
     }
-    for (; t < pos; t++) {
-        const float p = sc[t] * r, *vt = vh + (size_t)t * 24;
+}
+
+/* softmax(q·K / sqrt(head_dim))·V of every head from its parts: each part's output and sum weighed by e^(its max
+   score - the largest) */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_merge(const float *part, int parts, float *att)
+{
+    for (int h = 0; h < 3; h++) {
+        float m = -INFINITY, sum = 0.0f, *out = att + h * 24;
+        for (int p = 0; p < parts; p++) {
+            const float mp = part[((size_t)p * 3 + h) * 32 + 24];
+            m = mp > m ? mp : m;
+        }
 #pragma omp simd
         for (int i = 0; i < 24; i++)
-            out[i] += p * vt[i];
+            out[i] = 0.0f;
+        for (int p = 0; p < parts; p++) {
+            const float *pp = part + ((size_t)p * 3 + h) * 32;
+            const float w = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(pp[24] - m);
+            sum += w * pp[25];
+#pragma omp simd
+            for (int i = 0; i < 24; i++)
+                out[i] += w * pp[i];
+        }
+        const float r = 1.0f / sum;
+#pragma omp simd
+        for (int i = 0; i < 24; i++)
+            out[i] *= r;
     }
 }
 
 int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
-    float *qkv = scratch + 0, *att = scratch + 128, *gate_up = scratch + 208;
-    float *scores = scratch + 416;
+    float *qkv = scratch + 0, *gate_up = scratch + 128, *scores = scratch + 336;
+    float *part = scores + ((size_t)3 * context + 15) / 16 * 16;
     const size_t head_stride = (size_t)context * 24;
 #pragma omp parallel num_threads(threads)
     {
-        float *own = scores + ((size_t)3 * context + 15) / 16 * 16 + (size_t)omp_get_thread_num() * 272;
-        float *h = own + 0, *hb = own + 80, *k = own + 192, *xs = own + 224;
+        const int parts = omp_get_num_threads();
+        float *own = part + (size_t)parts * 96 + (size_t)omp_get_thread_num() * 432;
+        float *h = own + 0, *hb = own + 80, *q = own + 192, *k = own + 272;
+        float *att = own + 304, *xs = own + 384;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 14;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
@@ -655,23 +703,28 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, NULL, qkv);
-            /* every query head, rotated, attends over its key/value head's positions 0..pos; its key rotated in k; the
-               first query head of each key/value head appends that key and value to the cache at pos */
+            /* attention in parts: every key/value head's positions 0..pos split in as many parts as threads, so each
+               thread reads its share of the caches once for all the query heads of a group. Each part rotates the group's
+               query heads and key; the first appends that key and the value to the cache at pos, which no part reads */
 #pragma omp for schedule(static)
-            for (int i = 0; i < 3; i++) {
-                const int g = i / 3;
-                float *q = qkv + i * 24;
+            for (int u = 0; u < 1 * parts; u++) {
+                const int g = u / parts, p = u % parts;
                 const float *v = qkv + 96 + g * 24;
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q, rope_cos, rope_sin);
+                memcpy(q, qkv + g * 72, sizeof(float) * 72);
+                for (int i = 0; i < 3; i++)
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q + i * 24, rope_cos, rope_sin);
                 memcpy(k, qkv + 72 + g * 24, sizeof(float) * 24);
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, rope_cos, rope_sin);
-                if (i % 3 == 0) {
+                if (p == 0) {
                     memcpy(kc + g * head_stride + (size_t)pos * 24, k, sizeof(float) * 24);
                     memcpy(vc + g * head_stride + (size_t)pos * 24, v, sizeof(float) * 24);
                 }
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, k, v, pos, scores + (size_t)i * context,
-                                    att + i * 24);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, k, v, (int)((long)pos * p / parts),
+                                    (int)((long)pos * (p + 1) / parts), p == parts - 1, context,
+                                    scores + (size_t)g * 3 * context,
+                                    part + ((size_t)p * 3 + g * 3) * 32);
             }
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_merge(part, parts, att);  /* every thread its own, like its own prepared x */
             /* x += o·att */
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
