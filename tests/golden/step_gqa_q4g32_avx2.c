@@ -599,6 +599,9 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     for (; t + 2 <= t1; t += 2) {
         const float *k0 = kh + (size_t)(t + 0) * 24;
         const float *k1 = kh + (size_t)(t + 1) * 24;
+        __builtin_prefetch((const char *)k0 + 1024);
+        __builtin_prefetch((const char *)k0 + 1088);
+        __builtin_prefetch((const char *)k0 + 1152);
         float d0_0 = 0.0f, d0_1 = 0.0f, d0_2 = 0.0f, d1_0 = 0.0f, d1_1 = 0.0f, d1_2 = 0.0f;
 #pragma omp simd reduction(+ : d0_0, d0_1, d0_2, d1_0, d1_1, d1_2)
         for (int i = 0; i < 24; i++) {
