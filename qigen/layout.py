@@ -117,11 +117,14 @@ def _reads(positions: list[tuple[int, int]], bits: int) -> tuple[tuple[View, ...
 
 
 @cache
-def _codebook(bits: int) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[View, ...], tuple[Extract, ...]]:
+def _codebook(bits: int, byte_major: bool) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[View, ...],
+                                                    tuple[Extract, ...]]:
     if bits != 3:
         n = 32 // bits
-        return (tuple(Field(c, 0, c * bits, 0, bits) for c in range(n)), (),
-                *_reads([(0, c * bits) for c in range(n)], bits))
+        # byte-major (int8 activations): code 4s + j in byte j at bit s·bits, so the bytes of a word shifted by
+        # s·bits meet x's int8 bytes 4s..4s+3 of the chunk as they lie in memory
+        bit = [8 * (c % 4) + bits * (c // 4) if byte_major else c * bits for c in range(n)]
+        return tuple(Field(c, 0, bit[c], 0, bits) for c in range(n)), (), *_reads([(0, b) for b in bit], bits)
     fields = [Field(10 * w + j, w, 3 * j, 0, 3) for w in range(3) for j in range(10)]
     fields += [Field(30, 0, 30, 0, 2), Field(30, 2, 30, 2, 1), Field(31, 1, 30, 0, 2), Field(31, 2, 31, 2, 1)]
     # derived word 3 holds code 30 at bits 0-2 and code 31 at bits 3-5
@@ -132,7 +135,7 @@ def _codebook(bits: int) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[V
 
 @cache
 def layout(spec: KernelSpec, schedule: Schedule) -> Layout:
-    fields, derives, views, extracts = _codebook(spec.bits)
+    fields, derives, views, extracts = _codebook(spec.bits, spec.family == "wq_a8")
     chunk = len(extracts)
     return Layout(bits=spec.bits, rows=spec.rows, cols=spec.cols,
                   tile_rows=schedule.row_vectors * spec.vector_width,

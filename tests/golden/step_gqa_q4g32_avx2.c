@@ -42,16 +42,16 @@ static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 120x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
-   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+   weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    uint32_t *xw = (uint32_t *)scratch;
+    int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
         xsum[g] = 0.0f;
     for (int b = 0; b < 3; b++) {
-        int8_t q[32] = {0};
+        int8_t *q = xq + b * 32;
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
@@ -67,14 +67,10 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj
             q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
+        for (int i = n; i < 32 && i0 + i < 72; i++)
+            q[i] = 0;  /* the last chunk's padding */
         sx[b] = amax / 127.0f;
         xsum[b / 1] += sx[b] * (float)sum;
-        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
-            for (int s = 0; s < 2; s++) {
-                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
-                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
-                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
-            }
     }
 }
 
@@ -140,16 +136,16 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
-   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+   weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    uint32_t *xw = (uint32_t *)scratch;
+    int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
         xsum[g] = 0.0f;
     for (int b = 0; b < 3; b++) {
-        int8_t q[32] = {0};
+        int8_t *q = xq + b * 32;
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
@@ -165,14 +161,10 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj,
             q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
+        for (int i = n; i < 32 && i0 + i < 72; i++)
+            q[i] = 0;  /* the last chunk's padding */
         sx[b] = amax / 127.0f;
         xsum[b / 1] += sx[b] * (float)sum;
-        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
-            for (int s = 0; s < 2; s++) {
-                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
-                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
-                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
-            }
     }
 }
 
@@ -238,16 +230,16 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0(const uint32_t *w, const void
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 200x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
-   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+   weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    uint32_t *xw = (uint32_t *)scratch;
+    int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
         xsum[g] = 0.0f;
     for (int b = 0; b < 3; b++) {
-        int8_t q[32] = {0};
+        int8_t *q = xq + b * 32;
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
@@ -263,14 +255,10 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj
             q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
+        for (int i = n; i < 32 && i0 + i < 72; i++)
+            q[i] = 0;  /* the last chunk's padding */
         sx[b] = amax / 127.0f;
         xsum[b / 1] += sx[b] * (float)sum;
-        for (int c = b * 4; c < (b + 1) * 4 && c < 9; c++)
-            for (int s = 0; s < 2; s++) {
-                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
-                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
-                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
-            }
     }
 }
 
@@ -336,16 +324,16 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x100, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (34 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
-   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+/* scratch (34 floats): x quantized to int8 per block of 32 inputs, in input order (the
+   weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    uint32_t *xw = (uint32_t *)scratch;
+    int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 26, *xsum = sx + 4;
     for (int g = 0; g < 4; g++)
         xsum[g] = 0.0f;
     for (int b = 0; b < 4; b++) {
-        int8_t q[32] = {0};
+        int8_t *q = xq + b * 32;
         const int i0 = b * 32;
         const int n = 100 - i0 < 32 ? 100 - i0 : 32;
         float amax = 0.0f;
@@ -361,14 +349,10 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj
             q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
+        for (int i = n; i < 32 && i0 + i < 104; i++)
+            q[i] = 0;  /* the last chunk's padding */
         sx[b] = amax / 127.0f;
         xsum[b / 1] += sx[b] * (float)sum;
-        for (int c = b * 4; c < (b + 1) * 4 && c < 13; c++)
-            for (int s = 0; s < 2; s++) {
-                const int8_t *qc = q + (c - b * 4) * 8 + s;  /* code 2·j + s sits in byte j */
-                xw[c * 2 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[2] << 8
-                                         | (uint32_t)(uint8_t)qc[4] << 16 | (uint32_t)(uint8_t)qc[6] << 24;
-            }
     }
 }
 
@@ -434,16 +418,16 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, its bytes ordered
-   as each (chunk, shift) of the weight words reads them; then the blocks' scales; then x's group sums */
+/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+   weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
 static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, float *scratch)
 {
-    uint32_t *xw = (uint32_t *)scratch;
+    int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
         xsum[g] = 0.0f;
     for (int b = 0; b < 3; b++) {
-        int8_t q[32] = {0};
+        int8_t *q = xq + b * 32;
         const int i0 = b * 32;
         const int n = 72 - i0 < 32 ? 72 - i0 : 32;
         float amax = 0.0f;
@@ -459,14 +443,10 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj,
             q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
             sum += q[i];
         }
+        for (int i = n; i < 32 && i0 + i < 72; i++)
+            q[i] = 0;  /* the last chunk's padding */
         sx[b] = amax / 127.0f;
         xsum[b / 1] += sx[b] * (float)sum;
-        for (int c = b * 8; c < (b + 1) * 8 && c < 18; c++)
-            for (int s = 0; s < 1; s++) {
-                const int8_t *qc = q + (c - b * 8) * 4 + s;  /* code 1·j + s sits in byte j */
-                xw[c * 1 + s] = (uint32_t)(uint8_t)qc[0] | (uint32_t)(uint8_t)qc[1] << 8
-                                         | (uint32_t)(uint8_t)qc[2] << 16 | (uint32_t)(uint8_t)qc[3] << 24;
-            }
     }
 }
 
