@@ -34,8 +34,9 @@ def _log(message: str) -> None:
 
 
 def _rowmajor(spec: KernelSpec) -> Layout:
-    """One row per tile: the schedule-independent packing a file stores."""
-    return layout(replace(spec, isa="scalar", batch=1), Schedule(row_vectors=1, accumulators=1))
+    """One row per tile, codes in order from each word's low bits: the packing a file stores, whatever the
+    schedule and the activations (int8-activation kernels read their codes byte-major)."""
+    return layout(replace(spec, isa="scalar", batch=1, family="wq_f32"), Schedule(row_vectors=1, accumulators=1))
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:

@@ -138,7 +138,7 @@ def test_prompt_longer_than_context(q8):
 
 
 def test_qigen_file_round_trip_and_bad_files(ckpt, tmp_path):
-    weights = quantize_weights(split_linears(ckpt), QuantSpec(bits=3, group=32))
+    weights = quantize_weights(split_linears(ckpt), QuantSpec(bits=4, group=32))  # int8 activations
     path = tmp_path / "m.qigen"
     save(path, weights, ckpt.tokenizer, ckpt.sha256)
     back, tok, meta = load_file(path)
@@ -146,6 +146,12 @@ def test_qigen_file_round_trip_and_bad_files(ckpt, tmp_path):
     for a, b in zip(weights.layers, back.layers):
         np.testing.assert_array_equal(a.qkv.codes, b.qkv.codes)
         np.testing.assert_array_equal(a.down.scales, b.down.scales)
+    # the file keeps each row's codes in order, eight to a word from its low bits, whatever layout kernels read
+    from safetensors.numpy import load_file as tensors
+
+    codes = weights.layers[0].o.codes.astype(np.uint32)
+    words = tensors(str(path))["layers.0.o.words"].reshape(codes.shape[0], -1)
+    np.testing.assert_array_equal(words, sum(codes[:, j::8] << 4 * j for j in range(8)))
     (tmp_path / "cut.qigen").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="not a readable qigen model"):
         load_file(tmp_path / "cut.qigen")
