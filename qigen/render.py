@@ -88,7 +88,7 @@ class StepParams:
     own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up), q (a group's rotated
     # query heads), k (its rotated key), att (the merged attention output), xs (prepared x)
     own_floats: int
-    part_stride: int  # floats per (split, head) attention part: head_dim outputs, then its max score and sum of exps
+    part_stride: int  # floats per (part, head) of attention: head_dim outputs, then its max score and sum of exps
     key_rows: int  # cache rows a group's query heads score at once: four independent sums at least
     key_prefetch: tuple[int, ...]  # bytes ahead of those rows that attention prefetches, one per line
 

@@ -567,7 +567,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     }
 }
 
-/* One part of the attention of key/value head g's 3 query heads (q, rotated, one after another):
+/* One part of the attention of a key/value head's 3 query heads (q, rotated, one after another):
    positions t0..t1 of the caches kh and vh and, when last, this token's k and v at pos (t1 = pos then: another
    part may be writing them to the cache). Each key row is read once for all the query heads. Per head into part:
    the output not yet divided by the sum of exps, then the largest score, then that sum; scores in sc (a head's
