@@ -83,7 +83,7 @@ class StepParams:
     linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
     per_layer: int  # weight pointers per layer
     slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    at: dict[str, int]  # shared scratch offsets: qkv, gate_up, then the scores (heads × context), then the attention
+    at: dict[str, int]  # shared scratch offsets: x, qkv, gate_up, then the scores (heads × context), then the attention
     # parts (threads × heads × part_stride), then each thread's own scratch
     own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up), q (a group's rotated
     # query heads), k (its rotated key), att (the merged attention output), xs (prepared x)
@@ -120,8 +120,9 @@ def prototype(name: str) -> str:
 
 def step_prototypes(name: str) -> tuple[str, str]:
     """The step, and the scratch size (floats) it needs for a context of `context` tokens and `threads` threads."""
-    return (f"int {name}(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, "
-            f"const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads);",
+    return (f"int {name}(const void *const *weights, const float *embedding, float *k_cache, float *v_cache, "
+            f"const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, "
+            f"int threads);",
             f"size_t {name}_scratch(int context, int threads);")
 
 
@@ -142,7 +143,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         linears[role] = kernels[spec]
     group_heads = step.heads // step.kv_heads
     key_rows = -(-4 // group_heads)
-    at, end = offsets({"qkv": linears["qkv"].rows, "gate_up": 2 * step.intermediate})
+    at, end = offsets({"x": step.hidden, "qkv": linears["qkv"].rows, "gate_up": 2 * step.intermediate})
     at["scores"] = end
     own, own_floats = offsets({"h": step.hidden, "hb": step.intermediate, "q": group_heads * step.head_dim,
                                "k": step.head_dim, "att": step.heads * step.head_dim,

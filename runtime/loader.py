@@ -113,8 +113,8 @@ class Step:
     def bind(self, layers: list[dict[str, np.ndarray | PackedWeights]], norm: np.ndarray, head: PackedWeights,
              threads: int = 1) -> Callable[..., np.ndarray]:
         """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed qkv, o, gate_up, down of each
-        layer. Returns step(x, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → logits, which
-        overwrites x (the token's embedding) and writes k and v at pos."""
+        layer. Returns step(embedding, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → logits, which
+        writes k and v at pos; rope_cos and rope_sin hold every position's angles, (context, head_dim / 2)."""
         s, ffi = self.spec, self._ffi
         if len(layers) != s.layers:
             raise ValueError(f"{self.name} runs {s.layers} layers, got weights for {len(layers)}")
@@ -127,30 +127,43 @@ class Step:
         self.linears["head"].check(head)
         arrays += [_floats(norm, (s.hidden,), "final norm"), head.words, head.scales, head.offsets]
         pointers = ffi.new("void *[]", [ffi.NULL if a is None else ffi.from_buffer(a) for a in arrays])
-        scratch: dict[tuple[int, int], np.ndarray] = {}  # by context and threads
+        cast = lambda a: ffi.cast("float *", ffi.from_buffer(a, require_writable=True))
         cache_shape = (s.layers, s.kv_heads)
         default_threads = threads
+        # the last caches and rope tables, checked and cast once: a token costs about 0.15 ms less in Python
+        state: dict[str, object] = {"arrays": ()}
 
-        def run(x, k_cache, v_cache, rope_cos, rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
-            assert arrays
-            context = k_cache.shape[2]
-            _floats(x, (s.hidden,), "x")
+        def bind_state(k_cache, v_cache, rope_cos, rope_sin) -> None:
+            context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
             for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
                 _floats(c, (*cache_shape, context, s.head_dim), name)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-                _floats(r, (s.head_dim // 2,), name)
+                _floats(r, (context, s.head_dim // 2), name)
+            state.update(arrays=(k_cache, v_cache, rope_cos, rope_sin), context=context, scratch={},
+                         pointers=[cast(a) for a in (k_cache, v_cache)] + [ffi.cast("const float *", ffi.from_buffer(a))
+                                                                           for a in (rope_cos, rope_sin)])
+
+        def run(embedding, k_cache, v_cache, rope_cos, rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
+            assert arrays
+            bound = state["arrays"]
+            if len(bound) != 4 or not (k_cache is bound[0] and v_cache is bound[1] and rope_cos is bound[2]
+                                       and rope_sin is bound[3]):
+                bind_state(k_cache, v_cache, rope_cos, rope_sin)
+            _floats(embedding, (s.hidden,), "embedding")
+            context, scratch = state["context"], state["scratch"]
             if not 0 <= pos < context:
                 raise ValueError(f"position {pos} is outside the context of {context}")
             threads = default_threads if threads is None else threads
             if threads < 1:
                 raise ValueError(f"threads={threads}: at least 1")
-            if (context, threads) not in scratch:
+            if threads not in scratch:  # (the buffer, its pointer)
                 scratch.clear()
-                scratch[context, threads] = np.empty(self._scratch(context, threads), np.float32)
+                buffer = np.empty(self._scratch(context, threads), np.float32)
+                scratch[threads] = buffer, cast(buffer)
             logits = np.empty(s.vocab, np.float32)
-            f = lambda a: ffi.cast("float *", ffi.from_buffer(a, require_writable=True))
-            self._fn(pointers, f(x), f(k_cache), f(v_cache), f(rope_cos), f(rope_sin), pos, context, f(logits),
-                     f(scratch[context, threads]), threads)
+            k, v, cos, sin = state["pointers"]
+            self._fn(pointers, ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos, context, cast(logits),
+                     scratch[threads][1], threads)
             return logits
 
         return run

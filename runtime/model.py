@@ -214,8 +214,8 @@ class Model:
             raise ValueError(f"{state.pos + len(tokens)} tokens exceed the context of {state.k.shape[2]}")
         if self.step is not None and len(tokens) == 1 and not all_logits:  # decode: the whole model in one kernel
             t0 = time.perf_counter()
-            logits = self.step(self.w.embed[tokens[0]].copy(), state.k, state.v, state.cos[state.pos],
-                               state.sin[state.pos], state.pos, self.threads)
+            logits = self.step(self.w.embed[tokens[0]], state.k, state.v, state.cos, state.sin, state.pos,
+                               self.threads)
             self.step_seconds += time.perf_counter() - t0
             state.pos += 1
             return logits

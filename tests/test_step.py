@@ -105,11 +105,12 @@ def test_step_matches_python_forward(isa, fmt, size):
     ref_state = ref.new_state(TOKENS)
     k, v = np.zeros_like(ref_state.k), np.zeros_like(ref_state.v)
     tokens = np.random.default_rng(1).integers(0, step.vocab, TOKENS)
+    embed = reference.embed.copy()
     for pos, token in enumerate(tokens):
         want = ref.forward([token], ref_state)
-        got = run(reference.embed[token].copy(), k, v, ref_state.cos[pos], ref_state.sin[pos], pos,
-                  threads=1 + pos % 3)
+        got = run(reference.embed[token], k, v, ref_state.cos, ref_state.sin, pos, threads=1 + pos % 3)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"position {pos}")
+    np.testing.assert_array_equal(reference.embed, embed)  # the step reads the embedding, keeps its own x
     np.testing.assert_allclose(k, ref_state.k, rtol=0, atol=1e-4 * np.abs(ref_state.k).max())
     np.testing.assert_allclose(v, ref_state.v, rtol=0, atol=1e-4 * np.abs(ref_state.v).max())
 
@@ -133,12 +134,16 @@ def test_step_refuses_bad_weights_and_positions(tiny):
         kernel.bind(wrong, final, kernel.linears["head"].pack(head))
     run = bound(kernel, quantized, final, head)
     k = v = np.zeros((step.layers, step.kv_heads, 4, step.head_dim), np.float32)
-    rope = np.ones(step.head_dim // 2, np.float32)
+    rope = np.ones((4, step.head_dim // 2), np.float32)
     x = np.zeros(step.hidden, np.float32)
     with pytest.raises(ValueError, match="outside the context of 4"):
         run(x, k, v, rope, rope, 4)
     with pytest.raises(ValueError, match="k_cache"):
         run(x, k[:, :, :, :-1], v, rope, rope, 0)
+    with pytest.raises(ValueError, match="rope_sin"):
+        run(x, k, v, rope, rope[:3], 0)
+    with pytest.raises(ValueError, match="embedding"):
+        run(x[:-1], k, v, rope, rope, 0)
     with pytest.raises(ValueError, match="threads=0"):
         run(x, k, v, rope, rope, 0, threads=0)
 

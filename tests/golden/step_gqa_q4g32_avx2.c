@@ -507,14 +507,14 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
 
 /* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
-   the token at `pos`, from its embedding in x to its logits, in one parallel region.
+   the token at `pos`, from its embedding to its logits, in one parallel region.
    weights: per layer 14 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
    gate_up and down), then the final norm and the head's words, scales and offsets.
-   k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (head_dim / 2,) at pos.
-   x is the residual stream: it is overwritten. */
+   embedding: the token's; k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (context,
+   head_dim / 2). */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
-    return 336 + ((size_t)3 * context + 15) / 16 * 16
+    return 416 + ((size_t)3 * context + 15) / 16 * 16
            + (size_t)threads * (96 + 432);
 }
 
@@ -667,11 +667,14 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     }
 }
 
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, float *x, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, const float *embedding, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
-    float *qkv = scratch + 0, *gate_up = scratch + 128, *scores = scratch + 336;
+    float *x = scratch + 0, *qkv = scratch + 80, *gate_up = scratch + 208;
+    float *scores = scratch + 416;
     float *part = scores + ((size_t)3 * context + 15) / 16 * 16;
     const size_t head_stride = (size_t)context * 24;
+    const float *cs = rope_cos + (size_t)pos * 12, *sn = rope_sin + (size_t)pos * 12;
+    memcpy(x, embedding, sizeof(float) * 72);  /* the residual stream */
 #pragma omp parallel num_threads(threads)
     {
         const int parts = omp_get_num_threads();
@@ -695,9 +698,9 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
                 const float *v = qkv + 96 + g * 24;
                 memcpy(q, qkv + g * 72, sizeof(float) * 72);
                 for (int i = 0; i < 3; i++)
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q + i * 24, rope_cos, rope_sin);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q + i * 24, cs, sn);
                 memcpy(k, qkv + 72 + g * 24, sizeof(float) * 24);
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, rope_cos, rope_sin);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, cs, sn);
                 if (p == 0) {
                     memcpy(kc + g * head_stride + (size_t)pos * 24, k, sizeof(float) * 24);
                     memcpy(vc + g * head_stride + (size_t)pos * 24, v, sizeof(float) * 24);
