@@ -111,10 +111,11 @@ class Step:
         return self.spec.name
 
     def bind(self, layers: list[dict[str, np.ndarray | PackedWeights]], norm: np.ndarray, head: PackedWeights,
-             threads: int = 1) -> Callable[..., np.ndarray]:
+             threads: int = 1) -> Callable[..., tuple[np.ndarray, int]]:
         """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed qkv, o, gate_up, down of each
-        layer. Returns step(embedding, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → logits, which
-        writes k and v at pos; rope_cos and rope_sin hold every position's angles, (context, head_dim / 2)."""
+        layer. Returns step(embedding, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → (logits, the greedy
+        next token), which writes k and v at pos; rope_cos and rope_sin hold every position's angles, (context,
+        head_dim / 2)."""
         s, ffi = self.spec, self._ffi
         if len(layers) != s.layers:
             raise ValueError(f"{self.name} runs {s.layers} layers, got weights for {len(layers)}")
@@ -143,7 +144,8 @@ class Step:
                          pointers=[cast(a) for a in (k_cache, v_cache)] + [ffi.cast("const float *", ffi.from_buffer(a))
                                                                            for a in (rope_cos, rope_sin)])
 
-        def run(embedding, k_cache, v_cache, rope_cos, rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
+        def run(embedding, k_cache, v_cache, rope_cos, rope_sin, pos: int,
+                threads: int | None = None) -> tuple[np.ndarray, int]:
             assert arrays
             bound = state["arrays"]
             if len(bound) != 4 or not (k_cache is bound[0] and v_cache is bound[1] and rope_cos is bound[2]
@@ -162,9 +164,9 @@ class Step:
                 scratch[threads] = buffer, cast(buffer)
             logits = np.empty(s.vocab, np.float32)
             k, v, cos, sin = state["pointers"]
-            self._fn(pointers, ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos, context, cast(logits),
-                     scratch[threads][1], threads)
-            return logits
+            greedy = self._fn(pointers, ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos, context,
+                              cast(logits), scratch[threads][1], threads)
+            return logits, greedy
 
         return run
 

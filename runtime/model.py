@@ -213,18 +213,21 @@ class Model:
         if state.pos + len(tokens) > state.k.shape[2]:
             raise ValueError(f"{state.pos + len(tokens)} tokens exceed the context of {state.k.shape[2]}")
         if self.step is not None and len(tokens) == 1 and not all_logits:  # decode: the whole model in one kernel
-            t0 = time.perf_counter()
-            logits = self.step(self.w.embed[tokens[0]], state.k, state.v, state.cos, state.sin, state.pos,
-                               self.threads)
-            self.step_seconds += time.perf_counter() - t0
-            state.pos += 1
-            return logits
+            return self._step(tokens[0], state)[0]
         if self.w.quant is None:  # numpy's BLAS does the matrix products: let it use its threads
             return self._forward(tokens, state, all_logits)
         # the kernels' OpenMP threads own the cores: BLAS threads spinning beside them (attention's small
         # products) made prefill on 2 threads 2.5x slower than on 1
         with self._blas.limit(limits=1, user_api="blas"):
             return self._forward(tokens, state, all_logits)
+
+    def _step(self, token: int, state: RunState) -> tuple[np.ndarray, int]:
+        """One token through the generated decode step: its logits and the greedy next token."""
+        t0 = time.perf_counter()
+        logits, greedy = self.step(self.w.embed[token], state.k, state.v, state.cos, state.sin, state.pos, self.threads)
+        self.step_seconds += time.perf_counter() - t0
+        state.pos += 1
+        return logits, greedy
 
     def _forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool) -> np.ndarray:
         c, th = self.config, self.threads
@@ -284,8 +287,10 @@ class Model:
         logits = self.prefill(ids, state)
         stats.prompt_tokens, stats.prompt_s = len(ids), time.perf_counter() - t0
         t0, m0 = time.perf_counter(), self.matmul_seconds()
+        greedy = None  # the decode step's own argmax of the logits
         while True:
-            token = sample(logits, temperature, top_k, top_p, rng)
+            greedy_ok = greedy is not None and temperature <= 0
+            token = greedy if greedy_ok else sample(logits, temperature, top_k, top_p, rng)
             if token in self.tokenizer.eos_ids:
                 stats.stop = "end of sequence"
                 break
@@ -299,7 +304,10 @@ class Model:
             if state.pos >= state.k.shape[2]:
                 stats.stop = f"context length ({context} tokens)"
                 break
-            logits = self.forward([token], state)
+            if self.step is not None:  # (the loop has checked the context)
+                logits, greedy = self._step(token, state)
+            else:
+                logits = self.forward([token], state)
         stats.decode_s, stats.decode_matmul_s = time.perf_counter() - t0, self.matmul_seconds() - m0
         rest = stream.flush()
         if rest:

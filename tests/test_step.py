@@ -108,8 +108,9 @@ def test_step_matches_python_forward(isa, fmt, size):
     embed = reference.embed.copy()
     for pos, token in enumerate(tokens):
         want = ref.forward([token], ref_state)
-        got = run(reference.embed[token], k, v, ref_state.cos, ref_state.sin, pos, threads=1 + pos % 3)
+        got, greedy = run(reference.embed[token], k, v, ref_state.cos, ref_state.sin, pos, threads=1 + pos % 3)
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max(), err_msg=f"position {pos}")
+        assert greedy == np.argmax(got)
     np.testing.assert_array_equal(reference.embed, embed)  # the step reads the embedding, keeps its own x
     np.testing.assert_allclose(k, ref_state.k, rtol=0, atol=1e-4 * np.abs(ref_state.k).max())
     np.testing.assert_allclose(v, ref_state.v, rtol=0, atol=1e-4 * np.abs(ref_state.v).max())
