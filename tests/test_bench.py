@@ -53,6 +53,7 @@ def test_model_grid_runs_and_keeps_both_sections(out, capsys):
     assert {"kernels", "model"} <= set(results)  # the model run kept the kernels section
     names = [r["name"] for r in results["model"]["records"]]
     assert names == ["q8 grow rtn fp32", "torch fp32"]
+    assert not [r["error"] for r in results["model"]["records"] if "error" in r]
     q8 = results["model"]["records"][0]
     assert q8["perplexity"] > 1 and q8["speed"]["1"]["decode_tokens_per_s"] > 0 and 8 < q8["bits_per_weight"] < 9
     md = (out / "results.md").read_text()

@@ -88,6 +88,7 @@ def torch_llama(ckpt: Checkpoint, dtype: str = "float32"):
 
     class TorchLlama(nn.Module):
         prefill, generate, perplexity = Model.prefill, Model.generate, Model.perplexity
+        step = None  # no generated decode step: generate decodes through forward
 
         def __init__(self):
             super().__init__()
