@@ -64,7 +64,7 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_rintf(xj[i0 + i] * inv);  /* ties to even, as the rounding mode is; vectorizes */
             sum += q[i];
         }
         for (int i = n; i < 32 && i0 + i < 72; i++)
@@ -158,7 +158,7 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj,
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_rintf(xj[i0 + i] * inv);  /* ties to even, as the rounding mode is; vectorizes */
             sum += q[i];
         }
         for (int i = n; i < 32 && i0 + i < 72; i++)
@@ -252,7 +252,7 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_rintf(xj[i0 + i] * inv);  /* ties to even, as the rounding mode is; vectorizes */
             sum += q[i];
         }
         for (int i = n; i < 32 && i0 + i < 72; i++)
@@ -346,7 +346,7 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_rintf(xj[i0 + i] * inv);  /* ties to even, as the rounding mode is; vectorizes */
             sum += q[i];
         }
         for (int i = n; i < 32 && i0 + i < 104; i++)
@@ -440,7 +440,7 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj,
         int sum = 0;
 #pragma omp simd reduction(+ : sum)
         for (int i = 0; i < n; i++) {
-            q[i] = (int8_t)__builtin_roundevenf(xj[i0 + i] * inv);
+            q[i] = (int8_t)__builtin_rintf(xj[i0 + i] * inv);  /* ties to even, as the rounding mode is; vectorizes */
             sum += q[i];
         }
         for (int i = n; i < 32 && i0 + i < 72; i++)
