@@ -1,7 +1,7 @@
 """Models end to end: quantize a checkpoint offline into one .qigen file, load any model for inference.
 
 A .qigen file is safetensors: per linear layer its codes in a row-major packing (re-tiled for the
-host's kernels at load time), scales and offsets; norms in fp32. Its metadata holds the format
+host's kernels at load time), scales and offsets, gate_up's rows gate then up; norms in fp32. Its metadata holds the format
 version, the model config, the quantization spec and method, the tokenizer and the source
 model's sha256, so `load` needs nothing else.
 """
@@ -22,7 +22,7 @@ from qigen.spec import KernelSpec, QuantSpec, Schedule
 from runtime.checkpoint import Checkpoint, CheckpointError, LlamaConfig, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import LINEARS, Layer, Model, Weights, quantize_weights, split_linears
+from runtime.model import LINEARS, Layer, Model, Weights, quantize_weights, split_linears, stacked_rows, take_rows
 from runtime.tokenizer import Tokenizer
 
 FORMAT, VERSION = "qigen-model", 1
@@ -55,6 +55,8 @@ def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str)
         tensors[f"layers.{i}.attn_norm"], tensors[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
         for n in LINEARS:
             m = getattr(layer, n)
+            if n == "gate_up":
+                m = take_rows(m, stacked_rows(weights.config.intermediate))
             put(f"layers.{i}.{n}", m, q.kernel_spec(*m.codes.shape))
     put("head", weights.head, q.kernel_spec(*weights.head.codes.shape, head=True))
     if not weights.config.tied_embeddings:
@@ -93,9 +95,12 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
         hd, qkv = config.head_dim, (config.heads + 2 * config.kv_heads) * config.head_dim
         shapes = {"qkv": (qkv, config.hidden), "o": (config.hidden, config.heads * hd),
                   "gate_up": (2 * config.intermediate, config.hidden), "down": (config.hidden, config.intermediate)}
+        interleave = np.argsort(stacked_rows(config.intermediate))
         layers = [Layer(attn_norm=t[f"layers.{i}.attn_norm"], ffn_norm=t[f"layers.{i}.ffn_norm"],
                         **{n: get(f"layers.{i}.{n}", q.kernel_spec(*shapes[n])) for n in LINEARS})
                   for i in range(config.layers)]
+        for layer in layers:
+            layer.gate_up = take_rows(layer.gate_up, interleave)
         head_spec = q.kernel_spec(config.vocab_size, config.hidden, head=True)
         head = get("head", head_spec)
         embed = dequantize(head, head_spec) if config.tied_embeddings else t["embed"].astype(np.float32)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 
@@ -62,6 +62,7 @@ class KernelParams:
     blocks: int
     group_blocks: int
     prefetch: tuple[int, ...]  # bytes ahead of a chunk's words that matrix-vector kernels prefetch, one per line
+    glu: bool = False  # also a second tile loop for a step's gate_up, whose rows interleave gate's and up's: silu(gate)·up
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,10 @@ class StepParams:
     linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
     per_layer: int  # weight pointers per layer
     slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    at: dict[str, int]  # shared scratch offsets: x, qkv, gate_up, then the scores (heads × context), then the attention
+    glu: bool  # gate_up's tiles give silu(gate)·up (an even number of rows per tile), else every thread computes it
+    at: dict[str, int]  # shared scratch offsets: x, qkv, ffn (gate_up's output), then the scores (heads × context), then the attention
     # parts (threads × heads × part_stride), then each thread's own scratch
-    own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up), q (a group's rotated
+    own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up unless glu), q (a group's rotated
     # query heads), k (its rotated key), att (the merged attention output), xs (prepared x)
     own_floats: int
     part_stride: int  # floats per (part, head) of attention: head_dim outputs, then its max score and sum of exps
@@ -143,9 +145,10 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         linears[role] = kernels[spec]
     group_heads = step.heads // step.kv_heads
     key_rows = -(-4 // group_heads)
-    at, end = offsets({"x": step.hidden, "qkv": linears["qkv"].rows, "gate_up": 2 * step.intermediate})
+    at, end = offsets({"x": step.hidden, "qkv": linears["qkv"].rows, "ffn": 2 * step.intermediate})
     at["scores"] = end
-    own, own_floats = offsets({"h": step.hidden, "hb": step.intermediate, "q": group_heads * step.head_dim,
+    glu = linears["gate_up"].tile_rows % 2 == 0  # (scalar tiles may hold an odd number of rows)
+    own, own_floats = offsets({"h": step.hidden, "hb": 0 if glu else step.intermediate, "q": group_heads * step.head_dim,
                                "k": step.head_dim, "att": step.heads * step.head_dim,
                                "xs": max(k.scratch for k in linears.values())})
     run, scratch = step_prototypes(step.name)
@@ -153,7 +156,8 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
         hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=group_heads,
         head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
-        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, at=at, own=own, own_floats=own_floats,
+        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, glu=glu, at=at,
+        own=own, own_floats=own_floats,
         part_stride=offsets({"part": step.head_dim + 2})[1], key_rows=key_rows,
         key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * step.head_dim * 4, LINE)),
         per_layer=2 + 3 * len(STEP_LINEARS),
@@ -212,6 +216,8 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
         raise SpecError("the same kernel is listed twice")
     gemv = {spec: p for (spec, _), p in zip(kernels, ps) if spec.kind == "gemv"}
     sps = [step_params(step, gemv) for step in steps]
+    glu = {sp.linears["gate_up"].name for sp in sps if sp.glu}
+    ps = [replace(p, glu=True) if p.name in glu else p for p in ps]
     isa = isas.pop()
     text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target)
     prototypes = {p.name: p.prototype + ";" for p in ps}

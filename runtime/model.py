@@ -36,7 +36,7 @@ class Layer:
     qkv: Matrix  # ((heads + 2·kv_heads)·head_dim, hidden): q, k, v projections stacked
     o: Matrix  # (hidden, heads·head_dim)
     ffn_norm: np.ndarray  # (hidden,)
-    gate_up: Matrix  # (2·intermediate, hidden): gate and up projections stacked
+    gate_up: Matrix  # (2·intermediate, hidden): gate and up projections, rows interleaved (gate i at 2i, up i at 2i + 1)
     down: Matrix  # (hidden, intermediate)
 
 
@@ -50,6 +50,18 @@ class Weights:
     quant: QuantSpec | None  # None: fp32
 
 
+def stacked_rows(intermediate: int) -> np.ndarray:
+    """gate_up's rows in gate-then-up order, the order files keep: in memory they interleave, so that a tile of the
+    product holds both factors of its silu(gate)·up."""
+    return np.concatenate([np.arange(0, 2 * intermediate, 2), np.arange(1, 2 * intermediate, 2)])
+
+
+def take_rows(m: Matrix, rows: np.ndarray) -> Matrix:
+    if isinstance(m, np.ndarray):
+        return m[rows]
+    return QuantizedWeights(m.codes[rows], m.scales[rows], None if m.offsets is None else m.offsets[rows])
+
+
 def split_linears(ckpt: Checkpoint) -> Weights:
     """A checkpoint's fp32 tensors, with q/k/v and gate/up stacked so each is one kernel call."""
     c, t = ckpt.config, ckpt.tensors
@@ -61,7 +73,8 @@ def split_linears(ckpt: Checkpoint) -> Weights:
             qkv=np.concatenate([t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
             o=t[p + "self_attn.o_proj.weight"],
             ffn_norm=t[p + "post_attention_layernorm.weight"],
-            gate_up=np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+            gate_up=take_rows(np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
+                              np.argsort(stacked_rows(c.intermediate))),
             down=t[p + "mlp.down_proj.weight"]))
     embed = t["model.embed_tokens.weight"]
     head = embed if c.tied_embeddings else t["lm_head.weight"]
@@ -256,7 +269,7 @@ class Model:
             # feed-forward: SwiGLU of the normed input
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
             gate_up = lin["gate_up"](h, th)
-            gate, up = gate_up[:, :c.intermediate], gate_up[:, c.intermediate:]
+            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
             x = x + lin["down"](gate / (1.0 + np.exp(-gate)) * up, th)
         state.pos += n
         x = rms_norm(x if all_logits else x[-1:], self.w.norm, c.rms_eps)

@@ -40,6 +40,25 @@ static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
 static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) / 64 * 64); }
 
+/* e^x in plain arithmetic that vectorizes: x = k·ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
+   r^6 (relative error under 3e-7), 2^k built in the exponent bits; x is clamped to [-87, 88] */
+static inline float qigen_exp(float x)
+{
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  /* rounded to an integer */
+    const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  /* ln 2 in two parts: k·0.693359375 is exact */
+    float p = 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const union { int32_t i; float f; } two_k = { .i = ((int32_t)k + 127) << 23 };
+    return p * two_k.f;
+}
+
 /* gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 120x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
 /* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
@@ -307,6 +326,55 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t
     }
 }
 
+/* y = silu(gate)·up from prepared x, where W's rows interleave gate's and up's (y[i] from rows 2i and 2i + 1):
+   a work-sharing loop over tiles, as in gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles */
+static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
+                                   const float *scratch, float *yj)
+{
+    const uint32_t *xw = (const uint32_t *)scratch;
+    const float *sx = scratch + 18, *xsum = sx + 3;
+#pragma omp for schedule(guided)
+    for (int t = 0; t < 25; t++) {
+        const uint32_t *wt = w + (size_t)t * 72;
+        vf acc0 = vf_zero();
+        for (int g = 0; g < 3; g++) {
+            vf p0 = vf_zero();
+            int b1 = (g + 1) * 1 < 3 ? (g + 1) * 1 : 3;
+            for (int b = g * 1; b < b1; b++) {
+                /* a block's integer dot products in int16 pairs: at most 8 x 2 x 15 x 127 */
+                vi s0 = vi_set1(0);
+                int c1 = (b + 1) * 4 < 9 ? (b + 1) * 4 : 9;
+                for (int c = b * 4; c < c1; c++) {
+                    const uint32_t *wc = wt + (size_t)c * 8;
+                    __builtin_prefetch((const char *)wc + 1024);
+                    vi x0 = vi_set1(xw[c * 2 + 0]);
+                    vi x1 = vi_set1(xw[c * 2 + 1]);
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                }
+                vf d = vf_set1(sx[b]);
+                p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
+            }
+            const uint16_t *st = scales + ((size_t)t * 3 + g) * 8;
+            const uint16_t *ot = offsets + ((size_t)t * 3 + g) * 8;
+            vf xg = vf_set1(xsum[g]);
+            acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
+            acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
+
+        }
+        float out[8];
+        vf_store(out + 0, acc0);
+        int r1 = 200 - t * 8 < 8 ? 200 - t * 8 : 8;
+        float glu[4];  /* all of the tile (a vector loop), the rows there are kept */
+#pragma omp simd
+        for (int i = 0; i < 4; i++)
+            glu[i] = out[2 * i] / (1.0f + qigen_exp(-out[2 * i])) * out[2 * i + 1];
+        for (int i = 0; i < r1 / 2; i++)  /* the rows are even in number, and so are the tiles' */
+            yj[t * 4 + i] = glu[i];
+    }
+}
+
 int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
 {
     float *scratch = qigen_alloc(sizeof(float) * 24);
@@ -515,7 +583,7 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
     return 416 + ((size_t)3 * context + 15) / 16 * 16
-           + (size_t)threads * (96 + 432);
+           + (size_t)threads * (96 + 320);
 }
 
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
@@ -527,25 +595,6 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     const float r = 1.0f / sqrtf(ss / 72 + 1e-05f);
     for (int i = 0; i < 72; i++)
         out[i] = x[i] * r * w[i];
-}
-
-/* e^x in plain arithmetic that vectorizes: x = k·ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor polynomial to
-   r^6 (relative error under 3e-7), 2^k built in the exponent bits; x is clamped to [-87, 88] */
-static inline float step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(float x)
-{
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float k = (x * 1.44269504f + 12582912.0f) - 12582912.0f;  /* rounded to an integer */
-    const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  /* ln 2 in two parts: k·0.693359375 is exact */
-    float p = 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    const union { int32_t i; float f; } two_k = { .i = ((int32_t)k + 127) << 23 };
-    return p * two_k.f;
 }
 
 static inline float step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(const float *a, const float *b)
@@ -614,7 +663,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
             m = sh[t] > m ? sh[t] : m;
 #pragma omp simd reduction(+ : sum)
         for (t = t0; t < te; t++) {
-            sh[t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(sh[t] - m);
+            sh[t] = qigen_exp(sh[t] - m);
             sum += sh[t];
         }
         const float pl = last ? sh[t1] : 0.0f;
@@ -654,7 +703,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
             out[i] = 0.0f;
         for (int p = 0; p < parts; p++) {
             const float *pp = part + ((size_t)p * 3 + h) * 32;
-            const float w = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(pp[24] - m);
+            const float w = qigen_exp(pp[24] - m);
             sum += w * pp[25];
 #pragma omp simd
             for (int i = 0; i < 24; i++)
@@ -669,7 +718,7 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
 
 int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, const float *embedding, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
-    float *x = scratch + 0, *qkv = scratch + 80, *gate_up = scratch + 208;
+    float *x = scratch + 0, *qkv = scratch + 80, *ffn = scratch + 208;
     float *scores = scratch + 416;
     float *part = scores + ((size_t)3 * context + 15) / 16 * 16;
     const size_t head_stride = (size_t)context * 24;
@@ -678,9 +727,9 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
 #pragma omp parallel num_threads(threads)
     {
         const int parts = omp_get_num_threads();
-        float *own = part + (size_t)parts * 96 + (size_t)omp_get_thread_num() * 432;
-        float *h = own + 0, *hb = own + 80, *q = own + 192, *k = own + 272;
-        float *att = own + 304, *xs = own + 384;
+        float *own = part + (size_t)parts * 96 + (size_t)omp_get_thread_num() * 320;
+        float *h = own + 0, *q = own + 80, *k = own + 160;
+        float *att = own + 192, *xs = own + 272;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 14;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
@@ -714,15 +763,11 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
             /* x += o·att */
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
-            /* feed-forward: x += down·(silu(gate) * up) of the normed input */
+            /* feed-forward: x += down·(silu(gate)·up) of the normed input; gate_up's rows interleave gate's and up's */
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[1], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, xs);
-            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles((const uint32_t *)L[8], L[9], L[10], xs, NULL, gate_up);
-            /* every thread its own silu(gate)·up, like its own prepared x: cheaper than a barrier */
-#pragma omp simd
-            for (int i = 0; i < 100; i++)
-                hb[i] = gate_up[i] / (1.0f + step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_exp(-gate_up[i])) * gate_up[100 + i];
-            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(hb, xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles((const uint32_t *)L[8], L[9], L[10], xs, ffn);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(ffn, xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles((const uint32_t *)L[11], L[12], L[13], xs, x, x);
         }
         /* the head on the normed residual stream */
