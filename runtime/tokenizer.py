@@ -207,29 +207,26 @@ def _raise(message: str) -> None:
 class TextStream:
     """Incremental detokenization: push() returns only text that is complete.
 
-    A character split across byte tokens decodes to U+FFFD until its last byte arrives, so text
-    ending in U+FFFD is held back. Each push decodes a short window, not everything so far: the
-    tokens last emitted (as context, so decoders that strip a leading space see the same prefix)
-    and those after them.
+    The tokenizers library's DecodeStream does the work, one call per token: it holds back a character split
+    across byte tokens until its last byte arrives, and decodes each piece with the tokens before it as context
+    (so decoders that strip a leading space see the same prefix).
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer = tokenizer
-        self._ids: list[int] = []  # the window
-        self._read = 0  # ids[:read] were emitted by the last push that emitted
+        self._stream = decoders.DecodeStream(skip_special_tokens=False)
+        self._held: list[int] = []  # pushed since text last came out
 
     def push(self, token_id: int) -> str:
-        self._ids += self._tokenizer._checked([token_id])
-        done = self._tokenizer.decode(self._ids[:self._read])
-        text = self._tokenizer.decode(self._ids)
-        if text.endswith("\ufffd") or len(text) <= len(done):
+        self._held += self._tokenizer._checked([token_id])
+        text = self._stream.step(self._tokenizer._tk, self._held[-1])
+        if text is None:
             return ""
-        self._ids, self._read = self._ids[self._read:], len(self._ids) - self._read
-        return text[len(done):]
+        self._held = []
+        return text
 
     def flush(self) -> str:
         """Whatever is held back (an incomplete character comes out as U+FFFD), and start afresh."""
-        done = self._tokenizer.decode(self._ids[:self._read])
-        text = self._tokenizer.decode(self._ids)
-        self._ids, self._read = [], 0
-        return text[len(done):]
+        rest = self._tokenizer.decode(self._held) if self._held else ""
+        self._stream, self._held = decoders.DecodeStream(skip_special_tokens=False), []
+        return rest
