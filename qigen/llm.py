@@ -1,9 +1,9 @@
 """Models end to end: quantize a checkpoint offline into one .qigen file, load any model for inference.
 
 A .qigen file is safetensors: per linear layer its codes in a row-major packing (re-tiled for the
-host's kernels at load time), scales and offsets, gate_up's rows gate then up; norms in fp32. Its metadata holds the format
-version, the model config, the quantization spec and method, the tokenizer and the source
-model's sha256, so `load` needs nothing else.
+host's kernels at load time), scales and offsets, gate_up's rows gate then up; norms in fp32. Its
+metadata holds the format version, the model config, the quantization spec and method, the tokenizer
+and the source model's sha256, so `load` needs nothing else.
 """
 from __future__ import annotations
 
