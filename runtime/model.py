@@ -65,6 +65,7 @@ def take_rows(m: Matrix, rows: np.ndarray) -> Matrix:
 def split_linears(ckpt: Checkpoint) -> Weights:
     """A checkpoint's fp32 tensors, with q/k/v and gate/up stacked so each is one kernel call."""
     c, t = ckpt.config, ckpt.tensors
+    interleave = np.argsort(stacked_rows(c.intermediate))
     layers = []
     for i in range(c.layers):
         p = f"model.layers.{i}."
@@ -73,8 +74,7 @@ def split_linears(ckpt: Checkpoint) -> Weights:
             qkv=np.concatenate([t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
             o=t[p + "self_attn.o_proj.weight"],
             ffn_norm=t[p + "post_attention_layernorm.weight"],
-            gate_up=take_rows(np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]),
-                              np.argsort(stacked_rows(c.intermediate))),
+            gate_up=take_rows(np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]), interleave),
             down=t[p + "mlp.down_proj.weight"]))
     embed = t["model.embed_tokens.weight"]
     head = embed if c.tied_embeddings else t["lm_head.weight"]
