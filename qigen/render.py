@@ -70,6 +70,7 @@ class StepParams:
     """A decode step's constants: model sizes, the kernels of its products, and its scratch layout in floats."""
     name: str
     prototype: str
+    greedy_prototype: str
     scratch_prototype: str
     layers: int
     hidden: int
@@ -120,11 +121,14 @@ def prototype(name: str) -> str:
             f"const float *x, float *y, int n, int threads);")
 
 
-def step_prototypes(name: str) -> tuple[str, str]:
-    """The step, and the scratch size (floats) it needs for a context of `context` tokens and `threads` threads."""
-    return (f"int {name}(const void *const *weights, const float *embedding, float *k_cache, float *v_cache, "
-            f"const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, "
-            f"int threads);",
+def step_prototypes(name: str) -> tuple[str, str, str]:
+    """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
+    tokens and `threads` threads."""
+    state = ("float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
+             "float *logits, float *scratch, int threads")
+    return (f"int {name}(const void *const *weights, const float *embedding, {state});",
+            f"int {name}_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
+            f"int stops, int *tokens, {state});",
             f"size_t {name}_scratch(int context, int threads);")
 
 
@@ -151,9 +155,10 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
     own, own_floats = offsets({"h": step.hidden, "hb": 0 if glu else step.intermediate, "q": group_heads * step.head_dim,
                                "k": step.head_dim, "att": step.heads * step.head_dim,
                                "xs": max(k.scratch for k in linears.values())})
-    run, scratch = step_prototypes(step.name)
+    run, greedy, scratch = step_prototypes(step.name)
     return StepParams(
-        name=step.name, prototype=run.rstrip(";"), scratch_prototype=scratch.rstrip(";"), layers=step.layers,
+        name=step.name, prototype=run.rstrip(";"), greedy_prototype=greedy.rstrip(";"),
+        scratch_prototype=scratch.rstrip(";"), layers=step.layers,
         hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=group_heads,
         head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
         attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, glu=glu, at=at,
@@ -222,5 +227,6 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
     text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
-        prototypes[step.name], prototypes[step.name + "_scratch"] = step_prototypes(step.name)
+        (prototypes[step.name], prototypes[step.name + "_greedy"],
+         prototypes[step.name + "_scratch"]) = step_prototypes(step.name)
     return Source(text=text, isa=isa, target=target, prototypes=prototypes)

@@ -103,6 +103,7 @@ class Step:
     spec: StepSpec
     linears: dict[str, Kernel]  # the matrix-vector kernels it calls, by role
     _fn: object
+    _greedy: object
     _scratch: object
     _ffi: cffi.FFI
 
@@ -111,11 +112,9 @@ class Step:
         return self.spec.name
 
     def bind(self, layers: list[dict[str, np.ndarray | PackedWeights]], norm: np.ndarray, head: PackedWeights,
-             threads: int = 1) -> Callable[..., tuple[np.ndarray, int]]:
+             threads: int = 1) -> BoundStep:
         """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed qkv, o, gate_up, down of each
-        layer. Returns step(embedding, k_cache, v_cache, rope_cos, rope_sin, pos, threads=None) → (logits, the greedy
-        next token), which writes k and v at pos; rope_cos and rope_sin hold every position's angles, (context,
-        head_dim / 2)."""
+        layer."""
         s, ffi = self.spec, self._ffi
         if len(layers) != s.layers:
             raise ValueError(f"{self.name} runs {s.layers} layers, got weights for {len(layers)}")
@@ -127,47 +126,85 @@ class Step:
                 arrays += [layer[role].words, layer[role].scales, layer[role].offsets]
         self.linears["head"].check(head)
         arrays += [_floats(norm, (s.hidden,), "final norm"), head.words, head.scales, head.offsets]
-        pointers = ffi.new("void *[]", [ffi.NULL if a is None else ffi.from_buffer(a) for a in arrays])
-        cast = lambda a: ffi.cast("float *", ffi.from_buffer(a, require_writable=True))
-        cache_shape = (s.layers, s.kv_heads)
-        default_threads = threads
-        # the last caches and rope tables, checked and cast once: a token costs about 0.15 ms less in Python
-        state: dict[str, object] = {"arrays": (None,) * 4}
+        return BoundStep(self, arrays, threads)
 
-        def bind_state(k_cache, v_cache, rope_cos, rope_sin) -> None:
+
+class BoundStep:
+    """A decode step on its weights. Calling it runs one token; `greedy` runs many, each step's greedy token
+    feeding the next. Both write k and v at the positions they run; rope_cos and rope_sin hold every position's
+    angles, (context, head_dim / 2). The last caches, rope tables and embedding table are checked and cast once
+    (each check costs Python time on every token otherwise, and a token's weight stream leaves Python cache-cold)."""
+
+    def __init__(self, step: Step, arrays: list[np.ndarray | None], threads: int):
+        self._step, self.threads = step, threads
+        self._arrays = arrays  # the weights, kept alive as long as the pointers into them
+        self._pointers = step._ffi.new("void *[]", [step._ffi.NULL if a is None else step._ffi.from_buffer(a)
+                                                    for a in arrays])
+        self._state: tuple = (None,) * 4
+        self._embeddings: tuple = (None, None)
+
+    def _cast(self, a: np.ndarray):
+        return self._step._ffi.cast("float *", self._step._ffi.from_buffer(a, require_writable=True))
+
+    def _bind(self, k_cache, v_cache, rope_cos, rope_sin, pos: int, threads: int | None, n: int = 1) -> tuple:
+        """The pointers to the caches, rope tables, scratch and logits, once positions pos..pos + n - 1 and the
+        thread count are checked."""
+        s, ffi = self._step.spec, self._step._ffi
+        bound = self._state
+        if not (k_cache is bound[0] and v_cache is bound[1] and rope_cos is bound[2] and rope_sin is bound[3]):
             context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
             for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-                _floats(c, (*cache_shape, context, s.head_dim), name)
+                _floats(c, (s.layers, s.kv_heads, context, s.head_dim), name)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
                 _floats(r, (context, s.head_dim // 2), name)
-            state.update(arrays=(k_cache, v_cache, rope_cos, rope_sin), context=context, scratch={},
-                         pointers=[cast(a) for a in (k_cache, v_cache)] + [ffi.cast("const float *", ffi.from_buffer(a))
-                                                                           for a in (rope_cos, rope_sin)])
-
-        def run(embedding, k_cache, v_cache, rope_cos, rope_sin, pos: int,
-                threads: int | None = None) -> tuple[np.ndarray, int]:
-            assert arrays
-            bound = state["arrays"]
-            if not (k_cache is bound[0] and v_cache is bound[1] and rope_cos is bound[2] and rope_sin is bound[3]):
-                bind_state(k_cache, v_cache, rope_cos, rope_sin)
-            _floats(embedding, (s.hidden,), "embedding")
-            context, scratch = state["context"], state["scratch"]
-            if not 0 <= pos < context:
-                raise ValueError(f"position {pos} is outside the context of {context}")
-            threads = default_threads if threads is None else threads
-            if threads < 1:
-                raise ValueError(f"threads={threads}: at least 1")
-            if threads not in scratch:  # (the buffer, its pointer)
-                scratch.clear()
-                buffer = np.empty(self._scratch(context, threads), np.float32)
-                scratch[threads] = buffer, cast(buffer)
             logits = np.empty(s.vocab, np.float32)
-            k, v, cos, sin = state["pointers"]
-            greedy = self._fn(pointers, ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos, context,
-                              cast(logits), scratch[threads][1], threads)
-            return logits, greedy
+            self._state = bound = (k_cache, v_cache, rope_cos, rope_sin, context, {}, logits,
+                                   [self._cast(a) for a in (k_cache, v_cache)]
+                                   + [ffi.cast("const float *", ffi.from_buffer(a)) for a in (rope_cos, rope_sin)]
+                                   + [self._cast(logits)])
+        context, scratch = bound[4], bound[5]
+        if not (0 <= pos and pos + n <= context):
+            raise ValueError(f"position {pos + n - 1 if pos >= 0 else pos} is outside the context of {context}")
+        threads = self.threads if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads={threads}: at least 1")
+        if threads not in scratch:  # (the buffer, its pointer)
+            scratch.clear()
+            buffer = np.empty(self._step._scratch(context, threads), np.float32)
+            scratch[threads] = buffer, self._cast(buffer)
+        return (*bound[7], context, scratch[threads][1], threads)
 
-        return run
+    def __call__(self, embedding: np.ndarray, k_cache, v_cache, rope_cos, rope_sin, pos: int,
+                 threads: int | None = None) -> tuple[np.ndarray, int]:
+        """The token whose embedding is given, at pos: its logits and the greedy next token."""
+        k, v, cos, sin, _, context, scratch, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos, threads)
+        _floats(embedding, (self._step.spec.hidden,), "embedding")
+        logits = np.empty(self._step.spec.vocab, np.float32)
+        greedy = self._step._fn(self._pointers, self._step._ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos,
+                                context, self._cast(logits), scratch, threads)
+        return logits, greedy
+
+    def greedy(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
+               rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
+        """Up to n greedy tokens after `token` at pos (embeddings: the table, (vocab, hidden)), ending early after a
+        token in stop (int32), which is kept: the tokens picked, int32."""
+        s, ffi = self._step.spec, self._step._ffi
+        if n < 1:
+            raise ValueError(f"n={n}: at least one token")
+        if not 0 <= token < s.vocab:
+            raise ValueError(f"token {token} is outside the vocabulary of {s.vocab}")
+        if not (isinstance(stop, np.ndarray) and stop.dtype == np.int32 and stop.ndim == 1):
+            raise ValueError("stop: a 1-D int32 array of token ids expected")
+        k, v, cos, sin, logits, context, scratch, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos,
+                                                                       threads, n)
+        if embeddings is not self._embeddings[0]:
+            _floats(embeddings, (s.vocab, s.hidden), "embeddings")
+            self._embeddings = embeddings, ffi.cast("const float *", ffi.from_buffer(embeddings))
+        tokens = np.empty(n, np.int32)
+        done = self._step._greedy(self._pointers, self._embeddings[1], token, n, ffi.from_buffer("int[]", stop),
+                                  len(stop), ffi.from_buffer("int[]", tokens, require_writable=True), k, v, cos, sin,
+                                  pos, context, logits, scratch, threads)
+        return tokens[:done]
 
 
 def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str],
@@ -189,5 +226,6 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: 
     gemv = {k.spec: k for k in loaded.values() if k.spec.kind == "gemv"}
     for step in steps:
         linears = {role: gemv[spec] for role, spec in step.linears().items()}
-        loaded[step.name] = Step(step, linears, getattr(lib, step.name), getattr(lib, step.name + "_scratch"), ffi)
+        loaded[step.name] = Step(step, linears, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
+                                 getattr(lib, step.name + "_scratch"), ffi)
     return loaded

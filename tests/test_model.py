@@ -132,6 +132,21 @@ def test_generate_streams_and_stops(q8):
     assert sampled == "".join(q8.generate(PROMPTS[1], max_tokens=8, temperature=0.8, top_p=0.9, top_k=40, seed=1))
 
 
+def test_greedy_generate_runs_ahead_in_c(q8):
+    """Greedy generate picks its tokens in chunks, in the step's loop in C: the same tokens as forward and argmax one
+    by one, and the same stop at the context length."""
+    ids = q8.tokenizer.encode(PROMPTS[0])
+    state = q8.new_state(len(ids) + 20)
+    logits, want = q8.prefill(ids, state), []
+    for _ in range(20):
+        want.append(int(np.argmax(logits)))
+        logits = q8.forward([want[-1]], state)
+    assert "".join(q8.generate(ids, max_tokens=20)) == q8.tokenizer.decode(want)
+    stats = Stats()
+    list(q8.generate(ids, max_tokens=100, context=len(ids) + 5, stats=stats))
+    assert stats.generated_tokens == 6 and stats.stop == f"context length ({len(ids) + 5} tokens)"
+
+
 def test_prompt_longer_than_context(q8):
     with pytest.raises(ValueError, match="context holds 8"):
         list(q8.generate("one two three four five six seven eight nine ten eleven", context=8))

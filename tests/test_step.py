@@ -149,6 +149,36 @@ def test_step_refuses_bad_weights_and_positions(tiny):
         run(x, k, v, rope, rope, 0, threads=0)
 
 
+def test_greedy_loop_matches_single_steps(tiny):
+    """The loop in C feeds each greedy token back as the steps would one by one, and ends after a stop token."""
+    step, kernel, quantized, final, head, reference = tiny
+    run = bound(kernel, quantized, final, head)
+    ref = Model(reference, None)
+    state, loop = ref.new_state(12), ref.new_state(12)
+    token, want = 7, []
+    for pos in range(3, 11):  # positions 0..2 are a prompt's, already in both caches
+        token = run(reference.embed[token], state.k, state.v, state.cos, state.sin, pos)[1]
+        want.append(token)
+    none = np.array([], np.int32)
+    got = run.greedy(reference.embed, 7, 8, none, loop.k, loop.v, loop.cos, loop.sin, 3, threads=2)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(loop.k, state.k)
+    np.testing.assert_array_equal(loop.v, state.v)
+    stop = np.array([want[4], 10 ** 6], np.int32)  # the fifth token ends it (if it came no earlier)
+    np.testing.assert_array_equal(run.greedy(reference.embed, 7, 8, stop, loop.k, loop.v, loop.cos, loop.sin, 3),
+                                  want[:want.index(want[4]) + 1])
+    with pytest.raises(ValueError, match="position 12 is outside the context of 12"):
+        run.greedy(reference.embed, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+    with pytest.raises(ValueError, match="token 300 is outside the vocabulary"):
+        run.greedy(reference.embed, step.vocab, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+    with pytest.raises(ValueError, match="embeddings"):
+        run.greedy(reference.embed[:-1], 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+    with pytest.raises(ValueError, match="stop"):
+        run.greedy(reference.embed, 7, 1, none.astype(np.int64), loop.k, loop.v, loop.cos, loop.sin, 3)
+    with pytest.raises(ValueError, match="n=0"):
+        run.greedy(reference.embed, 7, 0, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+
+
 def test_step_spec_names_the_broken_rule():
     with pytest.raises(SpecError, match="not a multiple of 2 key/value heads"):
         StepSpec(1, 64, 3, 2, 16, 64, 10, 1e-5, QuantSpec())

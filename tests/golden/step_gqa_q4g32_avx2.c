@@ -798,4 +798,20 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
     return token;
 }
 
+/* Greedy decoding: steps in a loop, each feeding the token it picks to the next, from `token` at pos. embeddings:
+   the table (vocab, hidden). The picked tokens go to tokens[0..n); a token among stop[0..stops) is kept and ends
+   the loop. Returns how many tokens it picked; the caches then hold pos..pos + that - 1. */
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, int *tokens, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+{
+    for (int i = 0; i < n; i++) {
+        token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(weights, embeddings + (size_t)token * 72, k_cache, v_cache, rope_cos, rope_sin,
+                             pos + i, context, logits, scratch, threads);
+        tokens[i] = token;
+        for (int j = 0; j < stops; j++)
+            if (token == stop[j])
+                return i + 1;
+    }
+    return n;
+}
+
 
