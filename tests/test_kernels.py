@@ -180,3 +180,10 @@ def test_contiguous_copies_are_equal_and_end_to_end():
                 assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
                 addresses.append(b.ctypes.data)
     assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
+    # a private mapping: a shared one is shmem, whose huge pages follow shmem_enabled (often never), not the advice
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        start = addresses[0]
+        mapping = next(line for line in maps.read_text().splitlines()
+                       if int(line.split("-")[0], 16) <= start < int(line.split()[0].split("-")[1], 16))
+        assert mapping.split()[1] == "rw-p", mapping
