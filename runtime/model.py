@@ -15,7 +15,7 @@ from threadpoolctl import ThreadpoolController
 from perfmodel import bandwidth
 from perfmodel.host import detect
 from perfmodel.search import rank
-from qigen.layout import PackedWeights, contiguous
+from qigen.layout import PackedWeights, contiguous, huge_pages
 from qigen.pipeline import best_isa, build_library
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.render import kernel_name
@@ -212,8 +212,8 @@ class Model:
         c = self.config
         shape = (c.layers, c.kv_heads, context, c.head_dim)
         angles = np.outer(np.arange(context), self.rope_freqs)
-        return RunState(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
-                        np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+        cache = lambda: huge_pages(4 * int(np.prod(shape))).view(np.float32).reshape(shape)  # (read every token)
+        return RunState(cache(), cache(), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
 
     @staticmethod
     def _rope(x: np.ndarray, state: RunState) -> np.ndarray:
