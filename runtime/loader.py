@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import cffi
 import numpy as np
@@ -129,6 +130,16 @@ class Step:
         return BoundStep(self, arrays, threads)
 
 
+class _State(NamedTuple):
+    """The caches and rope tables a BoundStep last ran on, checked and cast: their context, scratch buffers by
+    thread count (each with its pointer), the logits buffer `greedy` writes, and pointers to k, v, cos, sin, logits."""
+    arrays: tuple
+    context: int
+    scratch: dict
+    logits: np.ndarray
+    pointers: list
+
+
 class BoundStep:
     """A decode step on its weights. Calling it runs one token; `greedy` runs many, each step's greedy token
     feeding the next. Both write k and v at the positions they run; rope_cos and rope_sin hold every position's
@@ -140,7 +151,7 @@ class BoundStep:
         self._arrays = arrays  # the weights, kept alive as long as the pointers into them
         self._pointers = step._ffi.new("void *[]", [step._ffi.NULL if a is None else step._ffi.from_buffer(a)
                                                     for a in arrays])
-        self._state: tuple = (None,) * 4
+        self._state = _State((None,) * 4, 0, {}, np.empty(0, np.float32), [])
         self._embeddings: tuple = (None, None)
 
     def _cast(self, a: np.ndarray):
@@ -150,19 +161,18 @@ class BoundStep:
         """The pointers to the caches, rope tables, scratch and logits, once positions pos..pos + n - 1 and the
         thread count are checked."""
         s, ffi = self._step.spec, self._step._ffi
-        bound = self._state
-        if not (k_cache is bound[0] and v_cache is bound[1] and rope_cos is bound[2] and rope_sin is bound[3]):
+        arrays = (k_cache, v_cache, rope_cos, rope_sin)
+        if not all(a is b for a, b in zip(arrays, self._state.arrays)):
             context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
             for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
                 _floats(c, (s.layers, s.kv_heads, context, s.head_dim), name)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
                 _floats(r, (context, s.head_dim // 2), name)
             logits = np.empty(s.vocab, np.float32)
-            self._state = bound = (k_cache, v_cache, rope_cos, rope_sin, context, {}, logits,
-                                   [self._cast(a) for a in (k_cache, v_cache)]
-                                   + [ffi.cast("const float *", ffi.from_buffer(a)) for a in (rope_cos, rope_sin)]
-                                   + [self._cast(logits)])
-        context, scratch = bound[4], bound[5]
+            self._state = _State(arrays, context, {}, logits, [self._cast(a) for a in (k_cache, v_cache)]
+                                 + [ffi.cast("const float *", ffi.from_buffer(a)) for a in (rope_cos, rope_sin)]
+                                 + [self._cast(logits)])
+        context, scratch = self._state.context, self._state.scratch
         if not (0 <= pos and pos + n <= context):
             raise ValueError(f"position {pos + n - 1 if pos >= 0 else pos} is outside the context of {context}")
         threads = self.threads if threads is None else threads
@@ -172,7 +182,7 @@ class BoundStep:
             scratch.clear()
             buffer = np.empty(self._step._scratch(context, threads), np.float32)
             scratch[threads] = buffer, self._cast(buffer)
-        return (*bound[7], context, scratch[threads][1], threads)
+        return (*self._state.pointers, context, scratch[threads][1], threads)
 
     def __call__(self, embedding: np.ndarray, k_cache, v_cache, rope_cos, rope_sin, pos: int,
                  threads: int | None = None) -> tuple[np.ndarray, int]:
