@@ -18,10 +18,9 @@ def _path(host: Host):
     return cache_dir() / f"bandwidth-{host.name}-{host.cores}c.json"
 
 
-def measure(threads: list[int] | None = None, reps: int = 5) -> dict[int, float]:
-    """Bytes/s read from DRAM with each thread count (default: 1 and all cores); stored for later runs."""
+def probe(threads: list[int], reps: int = 5) -> dict[int, float]:
+    """Bytes/s read from DRAM now with each thread count, the best of `reps` passes; nothing is kept."""
     host = detect()
-    threads = threads or sorted({1, host.cores})
     source = resources.files("templates").joinpath("bandwidth.c").read_text()
     built = compile(source, host)
     ffi = cffi.FFI()
@@ -29,8 +28,13 @@ def measure(threads: list[int] | None = None, reps: int = 5) -> dict[int, float]
     lib = ffi.dlopen(str(built.path))
     a = np.ones(max(PROBE_BYTES, 8 * host.l3) // 4, dtype=np.float32)
     ptr = ffi.cast("float *", ffi.from_buffer(a))
-    result = {t: lib.qigen_read_bandwidth(ptr, a.size, t, reps) for t in threads}
-    atomic_write(_path(host), json.dumps({"read_bytes_per_s": result, "measured_at": time.time()}, indent=1).encode())
+    return {t: lib.qigen_read_bandwidth(ptr, a.size, t, reps) for t in threads}
+
+
+def measure(threads: list[int] | None = None, reps: int = 5) -> dict[int, float]:
+    """probe() with each thread count (default: 1 and all cores), kept for the cost model and later runs."""
+    result = probe(threads or sorted({1, detect().cores}), reps)
+    atomic_write(_path(detect()), json.dumps({"read_bytes_per_s": result, "measured_at": time.time()}, indent=1).encode())
     return result
 
 

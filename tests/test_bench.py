@@ -8,6 +8,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from perfmodel import bandwidth
+from perfmodel.host import detect
 from qigen.bench import SCHEMA, BenchError, Progress, Task, summary
 from qigen.bench.model import baselines
 from qigen.cli import main
@@ -60,6 +62,8 @@ def test_model_grid_runs_and_keeps_both_sections(out, capsys):
     assert "## Kernels" in md and "## Model" in md and "q8 grow rtn fp32" in md
     assert (out / "model.png").read_bytes().startswith(PNG)
     assert not list((out / "models").iterdir())  # deleted unless --keep-models
+    # the probes around each run leave alone the measurement the cost model reads (1 and all cores)
+    assert set(bandwidth.stored(detect())) == {1, detect().cores}
 
 
 def test_bench_refuses_clearly(tmp_path, capsys):

@@ -218,8 +218,9 @@ class Run:
 
     @staticmethod
     def probe(threads: int) -> float:
-        """The read bandwidth at `threads` now."""
-        return bandwidth.measure([threads], reps=PROBE_REPS)[threads]
+        """The read bandwidth at `threads` now (not kept: the stored measurement holds 1 and all cores, which the
+        cost model reads)."""
+        return bandwidth.probe([threads], reps=PROBE_REPS)[threads]
 
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
