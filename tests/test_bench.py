@@ -43,6 +43,8 @@ def test_kernels_grid_runs_and_validates(out):
     assert len(qigen) == 2 * 2 * (2 * 2 * 2 + 1)
     assert {r["activations"] for r in qigen} == {"fp32", "int8"}
     assert {r["phase"] for r in qigen} == {"decode", "prefill"}
+    # decode against the bandwidth probed around it, prefill against the run's measurement
+    assert all(len(r["bandwidth_probes"]) == (2 if r["phase"] == "decode" else 0) for r in qigen)
     assert {"torch fp32", "torch int8 dynamic", "numpy fp32"} <= {r["impl"] for r in k["records"]}
     assert all(len(r["times_s"]) == 2 for r in k["records"])
     assert len(k["library"]["kernels"]) == 18 and all(m["chosen"] for m in k["library"]["kernels"])

@@ -1,7 +1,7 @@
 """`qigen bench kernels`: qigen's kernels against what the hardware allows, beside torch and numpy.
 
-Decode (batch 1, matrix-vector): GB/s of packed data streamed against the read bandwidth measured in the
-same run, and the performance model's prediction. Prefill (batch > 1, matrix-matrix): GFLOP/s. Baselines
+Decode (batch 1, matrix-vector): GB/s of packed data streamed against the read bandwidth probed right
+before and after each measurement, and the performance model's prediction. Prefill (batch > 1, matrix-matrix): GFLOP/s. Baselines
 on the same shapes, in the same run: torch fp32 (`F.linear`), torch bf16 where torch has fast bf16 on this
 CPU, torch's dynamic int8 Linear, and numpy fp32. Every timing streams weights from memory: copies rotate
 until they exceed twice the L3.
@@ -33,6 +33,7 @@ from runtime.timing import time_call, time_kernel
 
 LLAMA_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # attention projections, MLP up/gate, MLP down
 TUNE_TOP = 3
+PROBE_REPS = 3  # passes of the bandwidth probe around each decode measurement (best taken)
 MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 for every shape that could stream
 
 
@@ -142,12 +143,19 @@ class Bench:
     repeats: int
 
     def qigen(self, kernel: Kernel, threads: int) -> dict:
+        """Decode is set against the read bandwidth probed right before and after it (the higher of the two: this
+        host's swings by a third within minutes); prefill against the bandwidth measured at the start."""
         spec, pred = kernel.spec, predict(kernel.spec, kernel.schedule, self.host, self.measured, threads)
+        decode = spec.kind == "gemv"
+        probes = [bandwidth.probe([threads], PROBE_REPS)[threads]] if decode else []
         r = result("qigen", spec.rows, spec.cols, spec.batch, threads, time_kernel(kernel, threads, self.repeats),
                    pred.bytes)
+        if decode:
+            probes.append(bandwidth.probe([threads], PROBE_REPS)[threads])
+        read = max(probes) if decode else read_bandwidth(self.host, threads, self.measured)
         return r | {"bits": spec.bits, "group": spec.group, "activations": "int8" if spec.family == "wq_a8" else "fp32",
-                    "kernel": kernel.name, "predicted_s": pred.seconds,
-                    "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read_bandwidth(self.host, threads, self.measured)}
+                    "kernel": kernel.name, "predicted_s": pred.seconds, "bandwidth_probes": probes,
+                    "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read}
 
     def baseline(self, impl: str, rows: int, cols: int, n: int, threads: int | None) -> dict:
         """One of BASELINES on random weights, rotating copies that exceed 2x L3 like time_kernel."""
@@ -320,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
     notes = ["x = activations: fp32, or int8 (x quantized per block of 32, integer dot products; decode only). "
              "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
-             "measured in this run; pred = the performance model's time. 'vs X' = X's time / qigen's time (above 1: "
+             "probed right before and after the measurement, the higher of the two; pred = the performance model's time. 'vs X' = X's time / qigen's time (above 1: "
              "qigen is faster). Every timing rotates weight copies that exceed 2x L3, so weights stream from memory.",
              *([noisy] if noisy else [])]
     plotted = plot(records, p.threads, host, measured, args.out / "kernels.png")
