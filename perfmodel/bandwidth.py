@@ -33,8 +33,9 @@ def probe(threads: list[int], reps: int = 5) -> dict[int, float]:
 
 def measure(threads: list[int] | None = None, reps: int = 5) -> dict[int, float]:
     """probe() with each thread count (default: 1 and all cores), kept for the cost model and later runs."""
-    result = probe(threads or sorted({1, detect().cores}), reps)
-    atomic_write(_path(detect()), json.dumps({"read_bytes_per_s": result, "measured_at": time.time()}, indent=1).encode())
+    host = detect()
+    result = probe(threads or sorted({1, host.cores}), reps)
+    atomic_write(_path(host), json.dumps({"read_bytes_per_s": result, "measured_at": time.time()}, indent=1).encode())
     return result
 
 

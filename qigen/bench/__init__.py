@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perfmodel import bandwidth
 from runtime.compiler import atomic_write, compiler
 
 BUSY_LOAD = 0.5  # 1-minute load average above which another process skews the numbers
@@ -109,6 +110,15 @@ class Progress:
         finally:
             Progress.current = None
         return results
+
+
+PROBE_REPS = 3  # passes of the bandwidth probe around each decode measurement (best taken): a second or so
+
+
+def probe(threads: int) -> float:
+    """The read bandwidth at `threads` now, set beside each decode measurement: this host's swings by a third within
+    minutes. Not kept: the stored measurement (1 and all cores) is the cost model's."""
+    return bandwidth.probe([threads], PROBE_REPS)[threads]
 
 
 def summary(values: list[float]) -> dict:

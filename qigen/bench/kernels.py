@@ -1,10 +1,10 @@
 """`qigen bench kernels`: qigen's kernels against what the hardware allows, beside torch and numpy.
 
 Decode (batch 1, matrix-vector): GB/s of packed data streamed against the read bandwidth probed right
-before and after each measurement, and the performance model's prediction. Prefill (batch > 1, matrix-matrix): GFLOP/s. Baselines
-on the same shapes, in the same run: torch fp32 (`F.linear`), torch bf16 where torch has fast bf16 on this
-CPU, torch's dynamic int8 Linear, and numpy fp32. Every timing streams weights from memory: copies rotate
-until they exceed twice the L3.
+before and after each measurement, and the performance model's prediction. Prefill (batch > 1,
+matrix-matrix): GFLOP/s. Baselines on the same shapes, in the same run: torch fp32 (`F.linear`), torch
+bf16 where torch has fast bf16 on this CPU, torch's dynamic int8 Linear, and numpy fp32. Every timing
+streams weights from memory: copies rotate until they exceed twice the L3.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, detect
 from perfmodel.search import bits_per_weight, rank
 from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional,
-                         positive, render_text, summary, write)
+                         positive, probe, render_text, summary, write)
 from qigen.pipeline import best_isa, build_library
 from qigen.render import kernel_name
 from qigen.spec import A8_BITS, A8_BLOCK, BITS, GROUPS, KernelSpec, MAX_BATCH
@@ -33,7 +33,6 @@ from runtime.timing import time_call, time_kernel
 
 LLAMA_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # attention projections, MLP up/gate, MLP down
 TUNE_TOP = 3
-PROBE_REPS = 3  # passes of the bandwidth probe around each decode measurement (best taken)
 MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 for every shape that could stream
 
 
@@ -147,11 +146,10 @@ class Bench:
         host's swings by a third within minutes); prefill against the bandwidth measured at the start."""
         spec, pred = kernel.spec, predict(kernel.spec, kernel.schedule, self.host, self.measured, threads)
         decode = spec.kind == "gemv"
-        probes = [bandwidth.probe([threads], PROBE_REPS)[threads]] if decode else []
+        before = probe(threads) if decode else None
         r = result("qigen", spec.rows, spec.cols, spec.batch, threads, time_kernel(kernel, threads, self.repeats),
                    pred.bytes)
-        if decode:
-            probes.append(bandwidth.probe([threads], PROBE_REPS)[threads])
+        probes = [before, probe(threads)] if decode else []
         read = max(probes) if decode else read_bandwidth(self.host, threads, self.measured)
         return r | {"bits": spec.bits, "group": spec.group, "activations": "int8" if spec.family == "wq_a8" else "fp32",
                     "kernel": kernel.name, "predicted_s": pred.seconds, "bandwidth_probes": probes,
@@ -328,7 +326,8 @@ def run(args: argparse.Namespace) -> dict:
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
     notes = ["x = activations: fp32, or int8 (x quantized per block of 32, integer dot products; decode only). "
              "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
-             "probed right before and after the measurement, the higher of the two; pred = the performance model's time. 'vs X' = X's time / qigen's time (above 1: "
+             "probed right before and after the measurement, the higher of the two; pred = the performance model's "
+             "time. 'vs X' = X's time / qigen's time (above 1: "
              "qigen is faster). Every timing rotates weight copies that exceed 2x L3, so weights stream from memory.",
              *([noisy] if noisy else [])]
     plotted = plot(records, p.threads, host, measured, args.out / "kernels.png")

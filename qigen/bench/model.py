@@ -26,7 +26,7 @@ import numpy as np
 from perfmodel import bandwidth
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional, positive,
-                         render_text, summary, write)
+                         probe, render_text, summary, write)
 from qigen.bench.kernels import _bits, _group
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
@@ -37,7 +37,6 @@ from runtime.model import Model, RunState, Stats
 TEXT = Path(__file__).with_name("gpl-3.txt")
 PROMPT_TOKENS = 100  # the prompt of every speed run: the license's first 100 tokens
 WARMUP_TOKENS = 2
-PROBE_REPS = 3  # passes of the bandwidth probe around each speed run (best taken): a second or so
 PPL_RANGE = 4  # the plots show perplexity up to this factor above the best: past it a format is unusable
 METHODS = ("rtn", "gptq")
 LLAMA_CPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
@@ -198,12 +197,12 @@ class Run:
         read bandwidth is probed before and after every run (this host's swings by a third within minutes); each
         run's share of the bandwidth rate takes the higher of its two probes."""
         list(model.generate(self.prompt, max_tokens=WARMUP_TOKENS, temperature=0))
-        runs, probes = [], [self.probe(threads)]
+        runs, probes = [], [probe(threads)]
         for _ in range(self.args.repeat):
             stats = Stats()
             list(model.generate(self.prompt, max_tokens=self.args.tokens, temperature=0, stats=stats))
             runs.append(stats.to_dict())
-            probes.append(self.probe(threads))
+            probes.append(probe(threads))
         prompt, decode = (summary([r[k] for r in runs]) for k in ("prompt_tokens_per_s", "decode_tokens_per_s"))
         bytes_per_token = per_token + self.kv
         shares = [100 * r["decode_tokens_per_s"] * bytes_per_token / max(before, after)
@@ -216,11 +215,6 @@ class Run:
                 "read_bandwidth": bw, "bandwidth_probes": probes, "bandwidth_rate": bw / bytes_per_token,
                 "bandwidth_pct": float(np.median(shares))}
 
-    @staticmethod
-    def probe(threads: int) -> float:
-        """The read bandwidth at `threads` now (not kept: the stored measurement holds 1 and all cores, which the
-        cost model reads)."""
-        return bandwidth.probe([threads], reps=PROBE_REPS)[threads]
 
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
