@@ -215,7 +215,6 @@ class Run:
                 "read_bandwidth": bw, "bandwidth_probes": probes, "bandwidth_rate": bw / bytes_per_token,
                 "bandwidth_pct": float(np.median(shares))}
 
-
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
         try:
