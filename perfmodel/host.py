@@ -41,6 +41,7 @@ class Host:
     l3: int  # bytes, shared
     freq_hz: float  # nominal clock; 0.0 when py-cpuinfo cannot tell
     native: bool  # describes the machine we run on
+    bandwidth: tuple[tuple[int, float], ...] = ()  # measured read bytes/s by thread count; () when never measured
 
     def has(self, *features: str) -> bool:
         unknown = [f for f in features if f not in FEATURES]
@@ -49,7 +50,10 @@ class Host:
         return all(f in self.features for f in features)
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"features": sorted(self.features)}
+        """The description without the bandwidth, which manifests and results report on their own."""
+        d = asdict(self) | {"features": sorted(self.features)}
+        del d["bandwidth"]
+        return d
 
 
 # The named targets.  llvmlite 0.50 has no "features of CPU X" query (only of the host CPU), so

@@ -11,7 +11,9 @@
 """
 from importlib import import_module
 
-# Lazy: perfmodel imports qigen.spec and qigen.layout, while qigen.pipeline imports perfmodel.
+from qigen import families  # noqa: F401  registers every kernel family before any spec is made
+
+# Lazy: the stages load on first use (perfmodel, the compiler, torch for GPTQ).
 _EXPORTS = {"KernelSet": "pipeline", "Request": "pipeline", "generate": "pipeline", "load": "llm", "load_model": "llm", "quantize_model": "llm",
             "QuantizedWeights": "quant", "dequantize": "quant", "quantize": "quant", "reference": "quant",
             "KernelSpec": "spec", "Schedule": "spec", "SpecError": "spec"}

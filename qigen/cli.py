@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel import bandwidth
+from runtime import bandwidth
 from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.spec import ACTIVATIONS, BITS, ISAS, KernelSpec, QuantSpec, SpecError
+from qigen.spec import BITS, ISAS, KernelSpec, QuantSpec, SpecError, activations, activations_help
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
 
@@ -49,17 +49,18 @@ def info(args: argparse.Namespace) -> dict:
             raise SpecError("--measure probes this machine: use it with --target native")
         print("measuring read bandwidth (a few seconds)...", file=sys.stderr)
         bandwidth.measure()
-    measured = bandwidth.stored(host) if host.native else None
+    if host.native:
+        host = bandwidth.measured(host)
     isa = best_isa(host)
     example = KernelSpec(4096, 4096, 4, 128, isa=isa)
-    best = rank(example, host, measured)[0]
+    best = rank(example, host)[0]
     return {
         "host": host.to_dict(),
         "isa": isa,
-        "read_bandwidth": {str(t): v for t, v in measured.items()} if measured else None,
+        "read_bandwidth": {str(t): v for t, v in host.bandwidth} or None,
         "example": {"spec": example.name, "schedule": best.schedule.to_dict(),
                     "predicted_s": best.prediction.seconds,
-                    "bandwidth_assumed": model_bandwidth(host, host.cores, measured)},
+                    "bandwidth_assumed": model_bandwidth(host, host.cores)},
     }
 
 
@@ -219,9 +220,8 @@ def parser() -> argparse.ArgumentParser:
         c.add_argument("--bits", type=int, choices=BITS, help=f"quantize a GGUF / HF model on load (default {QuantSpec().bits})")
         c.add_argument("--group", type=_group, help=f"group size for on-load quantization (default {QuantSpec().group})")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
-        c.add_argument("--activations", choices=ACTIVATIONS,
-                       help="decode activations: int8 (integer dot products), fp32, or auto: int8 where the format "
-                            "allows (bits 2/4, groups of multiples of 32); default: the file's, else auto")
+        c.add_argument("--activations", choices=activations(),
+                       help=f"decode activations: {activations_help()}; default: the file's, else auto")
         c.add_argument("--threads", type=int, help="threads (default: all cores)")
         c.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -243,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--group", type=_group)
     q.add_argument("--sym", action="store_true")
     q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    q.add_argument("--activations", choices=ACTIVATIONS, default="auto", help="decode activations stored as the "
+    q.add_argument("--activations", choices=activations(), default="auto", help="decode activations stored as the "
                    "file's default (auto: int8 where the format allows)")
     q.add_argument("--calib", help="calibration text file (GPTQ)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,

@@ -9,7 +9,6 @@ Hessian of the layer's inputs, so that the layer's outputs X·Ŵᵀ stay close t
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -133,7 +132,8 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _group_params(w: torch.Tensor, spec: KernelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One group's (scale, offset) per row for weights w (rows, n), by quantize()'s own convention."""
-    q = quantize(w.numpy().astype(np.float32), replace(spec, cols=w.shape[1], group=None))
+    whole = KernelSpec(w.shape[0], w.shape[1], spec.bits, None, spec.symmetric, spec.scale_dtype)  # any family's rule
+    q = quantize(w.numpy().astype(np.float32), whole)
     return (torch.from_numpy(q.scales[:, 0].astype(np.float32)),
             None if q.offsets is None else torch.from_numpy(q.offsets[:, 0].astype(np.float32)))
 
@@ -141,7 +141,7 @@ def _group_params(w: torch.Tensor, spec: KernelSpec) -> tuple[torch.Tensor, torc
 def _round(w: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
            spec: KernelSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes of one column and what dequantize() makes of them, in quantize()'s float32 arithmetic."""
-    top, mid = (1 << spec.bits) - 1, 1 << (spec.bits - 1)
+    top, mid = (1 << spec.bits) - 1, spec.zero_point
     x = w.to(torch.float32)
     if offset is None:
         code = torch.clamp(torch.round(x / scale) + mid, 0, top)

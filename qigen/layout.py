@@ -3,7 +3,7 @@
 Rows are interleaved in tiles of `tile_rows` (one SIMD lane per row), inputs are packed in
 32-bit words per chunk of `chunk` consecutive codes.  Both the C template (how to extract each
 code) and the numpy packer (where to put each bit) are driven by the same `Layout`, so they
-cannot disagree.
+cannot disagree. It reads a spec's bits, shape, vector width and group size, and its family's byte_major flag.
 
 Codes are read with a shift shared by a window of codes and one AND: `(word >> base) & (mask << shift)`
 converted to float is `code · 2^shift`, and the kernel pre-multiplies x by 2^-shift once per call.
@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-
-from qigen.spec import KernelSpec, Schedule
 
 
 @dataclass(frozen=True)
@@ -134,13 +132,22 @@ def _codebook(bits: int, byte_major: bool) -> tuple[tuple[Field, ...], tuple[Der
 
 
 @cache
-def layout(spec: KernelSpec, schedule: Schedule) -> Layout:
-    fields, derives, views, extracts = _codebook(spec.bits, spec.family == "wq_a8")
-    chunk = len(extracts)
-    return Layout(bits=spec.bits, rows=spec.rows, cols=spec.cols,
-                  tile_rows=schedule.row_vectors * spec.vector_width,
-                  group_chunks=-(-spec.group_size // chunk),
+def _layout(bits: int, rows: int, cols: int, tile_rows: int, group_size: int, byte_major: bool) -> Layout:
+    fields, derives, views, extracts = _codebook(bits, byte_major)
+    return Layout(bits=bits, rows=rows, cols=cols, tile_rows=tile_rows, group_chunks=-(-group_size // len(extracts)),
                   fields=fields, derives=derives, views=views, extracts=extracts)
+
+
+def layout(spec, schedule) -> Layout:
+    """The layout a KernelSpec's kernel with a Schedule reads."""
+    return _layout(spec.bits, spec.rows, spec.cols, schedule.row_vectors * spec.vector_width, spec.group_size,
+                   spec.traits.byte_major)
+
+
+def stored_layout(bits: int, rows: int, cols: int) -> Layout:
+    """One row per tile, codes in order from each word's low bits: the packing a .qigen file stores, whatever the
+    kernels and their schedules read."""
+    return _layout(bits, rows, cols, 1, cols, False)
 
 
 def _tiled(a: np.ndarray, lay: Layout, cols: int) -> np.ndarray:
@@ -180,15 +187,14 @@ def pack_groups(values: np.ndarray, lay: Layout) -> np.ndarray:
 
 @dataclass(frozen=True)
 class PackedWeights:
-    """Weights in the layout one schedule reads, ready to hand to its kernel."""
+    """Weights in the layout one schedule reads, ready to hand to its kernel: its family's bundle of named arrays
+    (e.g. words, scales, offsets), those the format has."""
     layout: Layout
-    words: np.ndarray  # uint32 (tiles, chunks, words, tile_rows)
-    scales: np.ndarray  # (tiles, groups, tile_rows), fp16 or fp32
-    offsets: np.ndarray | None  # like scales; None when symmetric
+    arrays: dict[str, np.ndarray]
 
     @property
     def nbytes(self) -> int:
-        return self.words.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
+        return sum(a.nbytes for a in self.arrays.values())
 
 
 HUGE_PAGE = 2 << 20
@@ -212,28 +218,19 @@ def contiguous(packs: list[PackedWeights]) -> list[PackedWeights]:
     SmolLM2: the copy in reading order gave +6% tokens/s at 2 threads, +11% at 1 (while still on 4 KiB pages);
     huge pages then +2% at 2 threads and +6.6% at 1."""
     lines = lambda a: -(-a.nbytes // 64) * 64  # each array starts on a cache line
-    memory = huge_pages(sum(lines(a) for p in packs for a in (p.words, p.scales, p.offsets) if a is not None))
+    memory = huge_pages(sum(lines(a) for p in packs for a in p.arrays.values()))
     start = 0
 
-    def place(a: np.ndarray | None) -> np.ndarray | None:
+    def place(a: np.ndarray) -> np.ndarray:
         nonlocal start
-        if a is None:
-            return None
         view = memory[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
         view[...] = a
         start += lines(a)
         return view
 
-    return [PackedWeights(p.layout, place(p.words), place(p.scales), place(p.offsets)) for p in packs]
+    return [PackedWeights(p.layout, {name: place(a) for name, a in p.arrays.items()}) for p in packs]
 
 
-def pack(q, spec: KernelSpec, schedule: Schedule) -> PackedWeights:
-    """QuantizedWeights (codes, scales, offsets) → the layout `schedule` reads."""
-    lay = layout(spec, schedule)
-    if (q.offsets is None) != spec.symmetric:
-        raise ValueError("symmetric kernels take weights without offsets, asymmetric ones need them")
-    if q.scales.shape != (spec.rows, spec.groups):
-        raise ValueError(f"scales have shape {q.scales.shape}, the spec needs {(spec.rows, spec.groups)}")
-    dtype = np.float16 if spec.scale_dtype == "fp16" else np.float32
-    offsets = None if q.offsets is None else pack_groups(q.offsets.astype(dtype), lay)
-    return PackedWeights(lay, pack_codes(q.codes, lay), pack_groups(q.scales.astype(dtype), lay), offsets)
+def pack(q, spec, schedule) -> PackedWeights:
+    """QuantizedWeights → the bundle of arrays, in the layout `schedule` reads, that spec's family packs."""
+    return PackedWeights(layout(spec, schedule), spec.traits.pack(q, spec, schedule))

@@ -1,7 +1,8 @@
 """Models end to end: quantize a checkpoint offline into one .qigen file, load any model for inference.
 
-A .qigen file is safetensors: per linear layer its codes in a row-major packing (re-tiled for the
-host's kernels at load time), scales and offsets, gate_up's rows gate then up; norms in fp32. Its
+A .qigen file is safetensors: per linear layer the arrays of its QuantizedWeights (codes in a row-major packing as
+`words`, re-tiled for the host's kernels at load time; scales; offsets), stacked rows in file order (gate_up's
+gate then up); norms in fp32. Its
 metadata holds the format version, the model config, the quantization spec and method, the tokenizer
 and the source model's sha256, so `load` needs nothing else.
 """
@@ -16,13 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from qigen.layout import Layout, layout, pack_codes, unpack_codes
+from perfmodel.host import detect
+from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
+from qigen.layout import pack_codes, stored_layout, unpack_codes
+from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, dequantize
-from qigen.spec import KernelSpec, QuantSpec, Schedule
-from runtime.checkpoint import Checkpoint, CheckpointError, LlamaConfig, default_model
+from qigen.spec import KernelSpec, QuantSpec, StepSpec
+from runtime import bandwidth
+from runtime.checkpoint import Checkpoint, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import LINEARS, Layer, Model, Weights, quantize_weights, split_linears, stacked_rows, take_rows
+from runtime.model import Kernels, Layer, Model, Weights, quantize_weights, split_linears, take_rows
 from runtime.tokenizer import Tokenizer
 
 FORMAT, VERSION = "qigen-model", 1
@@ -33,35 +38,36 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _rowmajor(spec: KernelSpec) -> Layout:
-    """One row per tile, codes in order from each word's low bits: the packing a file stores, whatever the
-    schedule and the activations (int8-activation kernels read their codes byte-major)."""
-    return layout(replace(spec, isa="scalar", batch=1, family="wq_f32"), Schedule(row_vectors=1, accumulators=1))
+def _stored(name: str, q: QuantizedWeights, spec: KernelSpec) -> dict[str, np.ndarray]:
+    """The file's tensors of a matrix: each array of its QuantizedWeights, the codes packed row-major as words."""
+    arrays = q.arrays()
+    words = pack_codes(arrays.pop("codes"), stored_layout(spec.bits, spec.rows, spec.cols)).reshape(-1)
+    return {f"{name}.words": words} | {f"{name}.{k}": a for k, a in arrays.items()}
+
+
+def _restored(t: dict[str, np.ndarray], name: str, spec: KernelSpec) -> QuantizedWeights:
+    """Inverse of _stored."""
+    lay = stored_layout(spec.bits, spec.rows, spec.cols)
+    words = t[f"{name}.words"].reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows)
+    return QuantizedWeights(unpack_codes(words, lay), t[f"{name}.scales"], t.get(f"{name}.offsets"))
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
     from safetensors.numpy import save as to_bytes
 
-    q = weights.quant
+    q, c = weights.quant, weights.config
     tensors: dict[str, np.ndarray] = {"norm": weights.norm}
-
-    def put(name: str, m: QuantizedWeights, spec: KernelSpec) -> None:
-        tensors[f"{name}.words"] = pack_codes(m.codes, _rowmajor(spec)).reshape(-1)
-        tensors[f"{name}.scales"] = m.scales
-        if m.offsets is not None:
-            tensors[f"{name}.offsets"] = m.offsets
-
     for i, layer in enumerate(weights.layers):
         tensors[f"layers.{i}.attn_norm"], tensors[f"layers.{i}.ffn_norm"] = layer.attn_norm, layer.ffn_norm
-        for n in LINEARS:
-            m = getattr(layer, n)
-            if n == "gate_up":
-                m = take_rows(m, stacked_rows(weights.config.intermediate))
-            put(f"layers.{i}.{n}", m, q.kernel_spec(*m.codes.shape))
-    put("head", weights.head, q.kernel_spec(*weights.head.codes.shape, head=True))
-    if not weights.config.tied_embeddings:
+        for role in ROLES:
+            m = getattr(layer, role.name)
+            if role.interleave > 1:  # files keep the parts stacked
+                m = take_rows(m, np.argsort(role.order(c)))
+            tensors |= _stored(f"layers.{i}.{role.name}", m, q.kernel_spec(*role.shape(c)))
+    tensors |= _stored("head", weights.head, q.kernel_spec(*HEAD.shape(c), head=True))
+    if not c.tied_embeddings:
         tensors["embed"] = weights.embed.astype(np.float16)
-    meta = {"format": FORMAT, "version": VERSION, "config": weights.config.to_dict(), "quant": asdict(q),
+    meta = {"format": FORMAT, "version": VERSION, "config": c.to_dict(), "quant": asdict(q),
             "source_sha256": source_sha256, "tokenizer": tokenizer.to_json()}
     atomic_write(path, to_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                 metadata={"qigen": json.dumps(meta)}))
@@ -86,27 +92,37 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
         raise CheckpointError(f"{path} is not a readable qigen model file: {e}") from e
 
-    def get(name: str, spec: KernelSpec) -> QuantizedWeights:
-        lay = _rowmajor(spec)
-        words = t[f"{name}.words"].reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows)
-        return QuantizedWeights(unpack_codes(words, lay), t[f"{name}.scales"], t.get(f"{name}.offsets"))
+    def product(i: int, role) -> QuantizedWeights:
+        m = _restored(t, f"layers.{i}.{role.name}", q.kernel_spec(*role.shape(config)))
+        return take_rows(m, role.order(config)) if role.interleave > 1 else m
 
     try:
-        hd, qkv = config.head_dim, (config.heads + 2 * config.kv_heads) * config.head_dim
-        shapes = {"qkv": (qkv, config.hidden), "o": (config.hidden, config.heads * hd),
-                  "gate_up": (2 * config.intermediate, config.hidden), "down": (config.hidden, config.intermediate)}
-        interleave = np.argsort(stacked_rows(config.intermediate))
         layers = [Layer(attn_norm=t[f"layers.{i}.attn_norm"], ffn_norm=t[f"layers.{i}.ffn_norm"],
-                        **{n: get(f"layers.{i}.{n}", q.kernel_spec(*shapes[n])) for n in LINEARS})
-                  for i in range(config.layers)]
-        for layer in layers:
-            layer.gate_up = take_rows(layer.gate_up, interleave)
-        head_spec = q.kernel_spec(config.vocab_size, config.hidden, head=True)
-        head = get("head", head_spec)
+                        **{r.name: product(i, r) for r in ROLES}) for i in range(config.layers)]
+        head_spec = q.kernel_spec(*HEAD.shape(config), head=True)
+        head = _restored(t, "head", head_spec)
         embed = dequantize(head, head_spec) if config.tied_embeddings else t["embed"].astype(np.float32)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete or was made for another spec: {e}") from e
     return Weights(config, embed, layers, t["norm"], head, q), Tokenizer.from_json(meta["tokenizer"]), meta
+
+
+def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True) -> Model:
+    """A model on kernels generated for this CPU: matrix-vector and matrix-matrix kernels for every product, with
+    the best predicted schedule, and (fused) the decode step on them, in one library (compiled once, then cached).
+    fp32 weights run on numpy."""
+    if weights.quant is None:
+        return Model(weights, tokenizer, threads)
+    host = bandwidth.measured(detect())
+    threads = threads or host.cores
+    spec = StepSpec.uniform(weights.config, weights.quant, best_isa(host))
+    steps = (spec,) if fused else ()
+    lib = build(Kernels.specs(spec), host, threads, steps)
+    decode = spec.kernel_specs()
+    prefill = dict(zip(decode, Kernels.specs(spec)[len(decode):]))
+    kernels = Kernels(spec, {s: lib.kernels[s] for s in decode}, {s: lib.kernels[p] for s, p in prefill.items()},
+                      lib.steps.get(spec))
+    return Model(weights, tokenizer, threads, kernels)
 
 
 def calibrate(ckpt: Checkpoint, text: str, ctx: int = 512, windows: int = 8) -> dict[str, np.ndarray]:
@@ -174,7 +190,7 @@ def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT
     with "int8", "fp32" or "auto" activations instead of the file's (or quant's) choice; the weights are the same."""
     if path is not None and Path(path).suffix == ".qigen":
         weights, tokenizer, _ = load_file(Path(path))
-        return Model(_activations(weights, activations), tokenizer, threads)
+        return build_model(_activations(weights, activations), tokenizer, threads)
     ckpt_path = Path(path) if path is not None else default_model(progress)
     if quant is None:
         ckpt = load_checkpoint(ckpt_path)
@@ -189,7 +205,7 @@ def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT
         cached.parent.mkdir(parents=True, exist_ok=True)
         quantize_model(ckpt_path, replace(quant, method="rtn"), cached, progress=progress)
     weights, tokenizer, _ = load_file(cached)
-    return Model(_activations(weights, activations), tokenizer, threads)
+    return build_model(_activations(weights, activations), tokenizer, threads)
 
 
 def _activations(weights: Weights, activations: str | None) -> Weights:

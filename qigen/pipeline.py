@@ -10,19 +10,19 @@ import hashlib
 import json
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from perfmodel import bandwidth
 from perfmodel.host import Host, from_target
 from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
 from qigen.quant import relative_error
-from qigen.render import kernel_name, prototype, render
-from qigen.spec import ISA_FEATURES, ISAS, KernelSpec, Schedule, SpecError, StepSpec
-from runtime.compiler import atomic_write, build, compile, stage
+from qigen.render import Source, render
+from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, kernel_name
+from runtime import bandwidth
+from runtime.compiler import Built, atomic_write, build as build_source, compile, stage
 from runtime.loader import Kernel, LoadError, Step, load as load_library
 from runtime.timing import time_kernel
 
@@ -47,7 +47,7 @@ class Request:
 
 
 def best_isa(host: Host) -> str:
-    return next(isa for isa in ISAS if host.has(*ISA_FEATURES[isa]))
+    return next(isa.name for isa in ISAS.values() if host.has(*isa.features))
 
 
 def _isa(request: Request, host: Host) -> str:
@@ -55,51 +55,75 @@ def _isa(request: Request, host: Host) -> str:
         return best_isa(host)
     if request.isa not in ISAS:
         raise SpecError(f"isa '{request.isa}' is unknown: choose auto, {', '.join(ISAS)}")
-    missing = [f for f in ISA_FEATURES[request.isa] if not host.has(f)]
+    missing = [f for f in ISAS[request.isa].features if not host.has(f)]
     if missing:
         raise SpecError(f"isa {request.isa} needs {', '.join(missing)}, which target {host.name} lacks")
     return request.isa
 
 
-def _spec(request: Request, rows: int, cols: int, isa: str, host: Host, measured) -> tuple[KernelSpec, float]:
+def _spec(request: Request, rows: int, cols: int, isa: str, host: Host) -> tuple[KernelSpec, float]:
     """The spec for one shape and the relative reconstruction error its format achieves."""
     weights = (request.weights or {}).get((rows, cols))
     base = KernelSpec(rows, cols, bits=4 if request.bits == FREE else request.bits,
                       group=128 if request.group == FREE else request.group, symmetric=request.symmetric,
                       scale_dtype=request.scale_dtype, batch=request.batch, isa=isa)
     if request.max_error is not None:
-        return choose_format(base, host, measured, request.max_error, weights,
+        return choose_format(base, host, request.max_error, weights,
                              None if request.bits == FREE else request.bits,
                              "any" if request.group == FREE else request.group)
     sample = error_sample(base, weights)
     return base, relative_error(sample, replace(base, rows=sample.shape[0]))
 
 
-def build_library(pairs: list[tuple[KernelSpec, Schedule]], host: Host,
-                  steps: tuple[StepSpec, ...] = ()) -> tuple[dict[str, Kernel | Step], str]:
-    """Render, compile (cached) and load kernels (and decode steps on them) as one library: by name, and the
-    source hash."""
+@dataclass(frozen=True)
+class Library:
+    """Kernels (and decode steps on them) compiled into one library and loaded."""
+    schedules: dict[KernelSpec, Schedule]  # the chosen schedule of every spec
+    kernels: dict[KernelSpec, Kernel]  # and its kernel, loaded (empty when built for another CPU)
+    steps: dict[StepSpec, Step]
+    ranked: dict[KernelSpec, list[Candidate]]  # every legal schedule of a spec, best predicted first
+    measured: dict[KernelSpec, float]  # with tune: the chosen kernel's median seconds per call
+    source: Source
+    built: Built
+
+
+def _compile(pairs: list[tuple[KernelSpec, Schedule]], host: Host, steps: tuple[StepSpec, ...] = (),
+             load: bool = True) -> tuple[dict[str, Kernel | Step], Source, Built]:
+    """Render, compile (cached) and load: by name. Specs that differ only in their batch (design point) may pick
+    the same kernel: it is rendered once."""
+    pairs = list({kernel_name(s, sch): (s, sch) for s, sch in pairs}.values())
     source = render(pairs, host.name, steps)
     built = compile(source.text, host)
-    return load_library(built.path, source.cdef, pairs, built.requires, steps), source.hash
+    return (load_library(built.path, source.cdef, pairs, built.requires, steps) if load else {}), source, built
 
 
-def _tune(specs: list[KernelSpec], ranked: list[list[Candidate]], host: Host, threads: int,
-          progress: Callable[[str], None]) -> tuple[list[Schedule], list[float]]:
-    """Compile the top candidates of every spec in one library, time each, keep the fastest."""
-    pairs = [(s, c.schedule) for s, cands in zip(specs, ranked) for c in cands[:TUNE_TOP]]
-    kernels, _ = build_library(pairs, host)
-    chosen, measured = [], []
-    for spec, cands in zip(specs, ranked):
-        times = {}
-        for c in cands[:TUNE_TOP]:
-            times[c.schedule] = statistics.median(time_kernel(kernels[kernel_name(spec, c.schedule)], threads))
-            progress(f"  tuned {kernel_name(spec, c.schedule)}: predicted {c.prediction.seconds * 1e3:.3f} ms, "
-                     f"measured {times[c.schedule] * 1e3:.3f} ms")
-        best = min(times, key=times.get)
-        chosen.append(best)
-        measured.append(times[best])
-    return chosen, measured
+def build(specs: Iterable[KernelSpec], host: Host, threads: int | None = None, steps: tuple[StepSpec, ...] = (),
+          tune: bool = False, repeats: int = 5, load: bool = True,
+          progress: Callable[[str], None] = lambda s: None) -> Library:
+    """The pipeline from specs to loaded kernels: rank every spec's schedules for `threads` (default: the host's
+    cores), with `tune` compile the TUNE_TOP best predicted of each into one library and keep the fastest measured,
+    then render, compile and (unless told not to: a library for another CPU) load the chosen ones, and decode steps
+    on them (their products are added to specs)."""
+    threads = threads or host.cores
+    specs = list(dict.fromkeys([*specs, *(s for step in steps for s in step.kernel_specs())]))
+    ranked = {s: rank(s, host, threads) for s in specs}
+    chosen = {s: cands[0].schedule for s, cands in ranked.items()}
+    measured = {}
+    if tune:
+        timing, _, _ = _compile([(s, c.schedule) for s, cands in ranked.items() for c in cands[:TUNE_TOP]], host)
+        for s, cands in ranked.items():
+            times = {}
+            for c in cands[:TUNE_TOP]:
+                times[c.schedule] = statistics.median(time_kernel(replace(timing[kernel_name(s, c.schedule)], spec=s),
+                                                                  threads, repeats))
+                progress(f"  tuned {kernel_name(s, c.schedule)}: predicted {c.prediction.seconds * 1e3:.3f} ms, "
+                         f"measured {times[c.schedule] * 1e3:.3f} ms")
+            chosen[s] = min(times, key=times.get)
+            measured[s] = times[chosen[s]]
+    loaded, source, built = _compile(list(chosen.items()), host, steps, load)
+    kernels = {s: replace(loaded[kernel_name(s, sch)], spec=s) for s, sch in chosen.items()} if load else {}
+    return Library(chosen, kernels, {step: loaded[step.name] for step in steps} if load else {}, ranked, measured,
+                   source, built)
 
 
 def generate(request: Request, out: Path, progress: Callable[[str], None] = lambda s: print(s, file=sys.stderr)) -> dict:
@@ -109,39 +133,31 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
     host = from_target(request.target)
     if request.tune and not host.native:
         raise SpecError(f"--tune times kernels on this machine, so it needs --target native, not {request.target}")
-    measured_bw = bandwidth.stored(host) if host.native else None
+    if host.native:
+        host = bandwidth.measured(host)
     isa = _isa(request, host)
     threads = host.cores if request.threads is None else request.threads
     if threads < 1:
         raise SpecError(f"threads={threads}: at least 1")
-    specs, errors, ranked = [], [], []
-    for rows, cols in dict.fromkeys(request.shapes):
-        spec, err = _spec(request, rows, cols, isa, host, measured_bw)
-        specs.append(spec)
-        errors.append(err)
-        ranked.append(rank(spec, host, measured_bw, threads))
-        progress(f"{spec.name}: error {err:.4f}, {len(ranked[-1])} schedules, best predicted "
-                 f"{ranked[-1][0].schedule.tag()} {ranked[-1][0].prediction.seconds * 1e3:.3f} ms")
-    if request.tune:
-        schedules, measured = _tune(specs, ranked, host, threads, progress)
-    else:
-        schedules, measured = [c[0].schedule for c in ranked], [None] * len(specs)
-    pairs = list(zip(specs, schedules))
-    source = render(pairs, host.name)
-    built = compile(source.text, host)
+    errors = dict(_spec(request, rows, cols, isa, host) for rows, cols in dict.fromkeys(request.shapes))
+    lib = build(errors, host, threads, tune=request.tune, load=False, progress=progress)
+    for spec, cands in lib.ranked.items():
+        progress(f"{spec.name}: error {errors[spec]:.4f}, {len(cands)} schedules, best predicted "
+                 f"{cands[0].schedule.tag()} {cands[0].prediction.seconds * 1e3:.3f} ms")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "kernels.c", source.text.encode())
-    atomic_write(out / "kernels.so", built.path.read_bytes())  # a process may have the old one open
+    atomic_write(out / "kernels.c", lib.source.text.encode())
+    atomic_write(out / "kernels.so", lib.built.path.read_bytes())  # a process may have the old one open
     kernels = []
-    for (spec, schedule), err, cands, t in zip(pairs, errors, ranked, measured):
-        prediction = next(c.prediction for c in cands if c.schedule == schedule)
+    for spec, schedule in lib.schedules.items():
+        prediction = next(c.prediction for c in lib.ranked[spec] if c.schedule == schedule)
         kernels.append({"name": kernel_name(spec, schedule), "spec": spec.to_dict(), "schedule": schedule.to_dict(),
-                        "predicted": prediction.to_dict(), "measured_s": t, "relative_error": err,
-                        "bits_per_weight": bits_per_weight(spec)})
+                        "predicted": prediction.to_dict(), "measured_s": lib.measured.get(spec),
+                        "relative_error": errors[spec], "bits_per_weight": bits_per_weight(spec)})
+    built = lib.built
     manifest = {
         "target": host.to_dict(), "isa": isa, "threads": threads,
-        "measured_bandwidth": measured_bw and {str(k): v for k, v in measured_bw.items()},
-        "library": {"file": "kernels.so", "source": "kernels.c", "source_sha256": source.hash,
+        "measured_bandwidth": {str(t): v for t, v in host.bandwidth} or None,
+        "library": {"file": "kernels.so", "source": "kernels.c", "source_sha256": lib.source.hash,
                     "sha256": hashlib.sha256((out / "kernels.so").read_bytes()).hexdigest(),
                     "compiler": built.compiler.version, "cc": built.compiler.path, "flags": list(built.flags),
                     "requires": sorted(built.requires)},
@@ -183,6 +199,6 @@ def load(path: str | Path) -> KernelSet:
         source = (path / lib["source"]).read_text()
         if hashlib.sha256(source.encode()).hexdigest() != lib["source_sha256"]:
             raise LoadError(f"{path / lib['source']} does not match its manifest: regenerate the kernel set")
-        so = build(source, tuple(lib["flags"])).path  # the library was damaged: rebuild it from its source
-    cdef = "\n".join(prototype(kernel_name(s, sch)) for s, sch in pairs)
+        so = build_source(source, tuple(lib["flags"])).path  # the library was damaged: rebuild it from its source
+    cdef = "\n".join(s.traits.prototype(s, sch, kernel_name(s, sch)) for s, sch in pairs)
     return KernelSet(load_library(so, cdef, pairs, frozenset(lib["requires"])), manifest)

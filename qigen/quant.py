@@ -1,22 +1,27 @@
 """Round-to-nearest quantization into the kernels' format, its inverse and the numpy oracle."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from qigen.spec import A8_BLOCK, KernelSpec
+from qigen.spec import KernelSpec
 
 
 @dataclass(frozen=True)
 class QuantizedWeights:
+    """A quantized matrix, row by row: the arrays a family's packer turns into its bundle."""
     codes: np.ndarray  # (rows, cols) uint8, 0 .. 2^bits - 1
     scales: np.ndarray  # (rows, groups) in the spec's scale dtype
     offsets: np.ndarray | None  # (rows, groups) same dtype; None when symmetric
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The arrays by name, those the format has."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
-def _storage(spec: KernelSpec) -> type:
-    return np.float16 if spec.scale_dtype == "fp16" else np.float32
+    def take_rows(self, rows: np.ndarray) -> QuantizedWeights:
+        return QuantizedWeights(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                                   for f in fields(self)})
 
 
 def _grouped(w: np.ndarray, spec: KernelSpec) -> np.ndarray:
@@ -40,13 +45,13 @@ def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
         hi = np.maximum(np.abs(lo), np.abs(hi))
         lo = -hi
     with np.errstate(over="ignore"):  # an overflow to inf is refused below
-        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(_storage(spec))
-        offsets = None if spec.symmetric else lo.astype(_storage(spec))
+        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(spec.scales.numpy)
+        offsets = None if spec.symmetric else lo.astype(spec.scales.numpy)
     if not (np.isfinite(scale).all() and (offsets is None or np.isfinite(offsets).all())):
         raise ValueError(f"weights exceed the range of {spec.scale_dtype} scales: use fp32 scales")
     s = scale.astype(np.float32)[:, :, None]
     if spec.symmetric:
-        codes = np.rint(g / s) + (1 << (spec.bits - 1))
+        codes = np.rint(g / s) + spec.zero_point
     else:
         codes = np.rint((g - offsets.astype(np.float32)[:, :, None]) / s)
     codes = np.clip(np.nan_to_num(codes), 0, top).astype(np.uint8)
@@ -57,7 +62,7 @@ def dequantize(q: QuantizedWeights, spec: KernelSpec) -> np.ndarray:
     g = spec.group_size
     s = np.repeat(q.scales.astype(np.float32), g, axis=1)[:, : spec.cols]
     if q.offsets is None:
-        return s * (q.codes.astype(np.float32) - (1 << (spec.bits - 1)))
+        return s * (q.codes.astype(np.float32) - spec.zero_point)
     o = np.repeat(q.offsets.astype(np.float32), g, axis=1)[:, : spec.cols]
     return s * q.codes + o
 
@@ -72,18 +77,3 @@ def reference(x: np.ndarray, q: QuantizedWeights, spec: KernelSpec, bias: np.nda
     """The oracle: dequantize, then matmul in float64. x is (cols,) or (n, cols)."""
     y = x.astype(np.float64) @ dequantize(q, spec).astype(np.float64).T
     return (y if bias is None else y + bias).astype(np.float32)
-
-
-def quantize_activations(x: np.ndarray) -> np.ndarray:
-    """x as int8-activation kernels see it: per block of A8_BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32
-    (the kernels' own arithmetic), so reference(quantize_activations(x), ...) is their oracle."""
-    x = np.asarray(x, dtype=np.float32)
-    cols = x.shape[-1]
-    blocks = np.zeros(x.shape[:-1] + (-(-cols // A8_BLOCK) * A8_BLOCK,), np.float32)
-    blocks[..., :cols] = x
-    blocks = blocks.reshape(x.shape[:-1] + (-1, A8_BLOCK))
-    amax = np.abs(blocks).max(-1, keepdims=True)
-    with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
-    q = np.rint(blocks * inv)
-    return (q * (amax / np.float32(127))).astype(np.float32).reshape(x.shape[:-1] + (-1,))[..., :cols]

@@ -8,66 +8,23 @@ from importlib import resources
 
 import jinja2
 
-from qigen.layout import Derive, Extract, View, layout
-from qigen.spec import A8_BLOCK, STEP_LINEARS, KernelSpec, Schedule, SpecError, StepSpec, check
-
-
-PREFETCH = 1024  # bytes ahead: measured on Zen 3, one thread streams ~15% more weights with it (2 KiB is worse), and
-# decode attention at 1000 positions gains ~5% from prefetching the key rows as far ahead
-LINE = 64  # bytes per cache line: a chunk's words are prefetched line by line (one prefetch per chunk left every
-# other line of a 128-byte chunk to the hardware: the 8-bit head's 4-row-vector tiles streamed at 62% of the bandwidth, 97% with all)
-
+from qigen.arch import ROLE_NAMES, ROLES
+from qigen.family import LINE, PREFETCH, KernelParams
+from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, check
 
 @dataclass(frozen=True)
-class KernelParams:
-    """Every constant a template needs, computed here so templates only substitute and loop."""
-    name: str
-    template: str
-    prototype: str
-    tag: str
-    bits: int
-    rows: int
-    cols: int
-    padded_cols: int
-    symmetric: bool
-    zero_point: float
-    stype: str
-    load_scale: str
-    vector_width: int
-    row_vectors: int
-    tile_rows: int
-    tiles: int
-    accumulators: int
-    col_tile: int
-    k_block: int
-    k_block_chunks: int
-    chunk: int
-    chunks: int
-    words: int
-    groups: int
-    group_size: int
-    group_chunks: int
-    shifts: tuple[int, ...]
-    derives: tuple[Derive, ...]
-    views: tuple[View, ...]
-    extracts: tuple[Extract, ...]
-    prescale: tuple[str, ...]
-    scratch: int  # floats of prepared x a matrix-vector kernel reads (its prep writes them)
-    # int8 activations (0 otherwise): shifts per word, the byte mask, chunks per block of A8_BLOCK inputs, blocks
-    subs: int
-    byte_mask: int
-    dot8: bool  # 8-bit codes, read as signed bytes (code - 128) and summed in int32 per chunk
-    code_shift: float  # Σx's multiple added to each group's Σ code·x: minus a symmetric zero point, plus dot8's 128
-    block_chunks: int
-    blocks: int
-    group_blocks: int
-    prefetch: tuple[int, ...]  # bytes ahead of a chunk's words that matrix-vector kernels prefetch, one per line
-    glu: bool = False  # also a second tile loop for a step's gate_up, whose rows interleave gate's and up's: silu(gate)·up
+class Segment:
+    """Consecutive layers first..end - 1 whose products run the same kernels: one loop of the step."""
+    first: int
+    end: int
+    linears: dict[str, KernelParams]  # by role
+    glu: bool  # gate_up's tiles give silu(gate)·up (an even number of rows per tile), else every thread computes it
 
 
 @dataclass(frozen=True)
 class StepParams:
-    """A decode step's constants: model sizes, the kernels of its products, and its scratch layout in floats."""
+    """A decode step's constants: model sizes, the kernels of its products by segment of layers, its weight pointers
+    and its scratch layout in floats."""
     name: str
     prototype: str
     greedy_prototype: str
@@ -82,10 +39,13 @@ class StepParams:
     vocab: int
     rms_eps: str
     attn_scale: str
-    linears: dict[str, KernelParams]  # qkv, o, gate_up, down, head
+    segments: tuple[Segment, ...]
+    head: KernelParams
     per_layer: int  # weight pointers per layer
-    slot: dict[str, int]  # where a layer's norms and products (words, scales, offsets) start among its pointers
-    glu: bool  # gate_up's tiles give silu(gate)·up (an even number of rows per tile), else every thread computes it
+    slot: dict[str, int]  # where a layer's norms and products (their bundles' arrays) start among its pointers
+    glu: bool  # every segment's gate_up gives silu(gate)·up
+    k_at: int  # where k and v start among the rows of qkv's output
+    v_at: int
     at: dict[str, int]  # shared scratch offsets: x, qkv, ffn (gate_up's output), then the scores (heads × context), then the attention
     # parts (threads × heads × part_stride), then each thread's own scratch
     own: dict[str, int]  # offsets in each thread's own scratch: h (normed x), hb (silu(gate)·up unless glu), q (a group's rotated
@@ -112,15 +72,6 @@ class Source:
         return "\n".join(self.prototypes.values())
 
 
-def kernel_name(spec: KernelSpec, schedule: Schedule) -> str:
-    return f"{spec.name}_{schedule.tag()}"
-
-
-def prototype(name: str) -> str:
-    return (f"int {name}(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, "
-            f"const float *x, float *y, int n, int threads);")
-
-
 def step_prototypes(name: str) -> tuple[str, str, str]:
     """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
     tokens and `threads` threads."""
@@ -142,63 +93,45 @@ def offsets(floats: dict[str, int]) -> tuple[dict[str, int], int]:
 
 
 def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> StepParams:
-    linears = {}
-    for role, spec in step.linears().items():
+    for i, spec in [(i, s) for i, layer in enumerate(step.linears) for s in layer] + [(None, step.head)]:
         if spec not in kernels:
+            role = "head" if i is None else f"layer {i} {ROLE_NAMES[step.linears[i].index(spec)]}"
             raise SpecError(f"step {step.name} needs a matrix-vector kernel for {role} ({spec.name}) in its library")
-        linears[role] = kernels[spec]
-    group_heads = step.heads // step.kv_heads
+    c = step.config
+    segments, first = [], 0
+    for end in range(1, c.layers + 1):
+        if end == c.layers or step.linears[end] != step.linears[first]:
+            linears = {role: kernels[spec] for role, spec in zip(ROLE_NAMES, step.linears[first])}
+            glu = linears["gate_up"].tile_rows % 2 == 0  # (scalar tiles may hold an odd number of rows)
+            segments.append(Segment(first, end, linears, glu))
+            first = end
+    glu = all(g.glu for g in segments)
+    group_heads = c.heads // c.kv_heads
     key_rows = -(-4 // group_heads)
-    at, end = offsets({"x": step.hidden, "qkv": linears["qkv"].rows, "ffn": 2 * step.intermediate})
+    qkv = ROLES[ROLE_NAMES.index("qkv")]
+    at, end = offsets({"x": c.hidden, "qkv": qkv.shape(c)[0], "ffn": 2 * c.intermediate})
     at["scores"] = end
-    glu = linears["gate_up"].tile_rows % 2 == 0  # (scalar tiles may hold an odd number of rows)
-    own, own_floats = offsets({"h": step.hidden, "hb": 0 if glu else step.intermediate, "q": group_heads * step.head_dim,
-                               "k": step.head_dim, "att": step.heads * step.head_dim,
-                               "xs": max(k.scratch for k in linears.values())})
+    own, own_floats = offsets({"h": c.hidden, "hb": 0 if glu else c.intermediate, "q": group_heads * c.head_dim,
+                               "k": c.head_dim, "att": c.heads * c.head_dim,
+                               "xs": max(kernels[s].scratch for s in step.kernel_specs())})
+    k_at, v_at = list(qkv.offsets(c).values())[1:]
+    slot, per_layer = step.slots()
     run, greedy, scratch = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), greedy_prototype=greedy.rstrip(";"),
-        scratch_prototype=scratch.rstrip(";"), layers=step.layers,
-        hidden=step.hidden, heads=step.heads, kv_heads=step.kv_heads, group_heads=group_heads,
-        head_dim=step.head_dim, intermediate=step.intermediate, vocab=step.vocab, rms_eps=f"{float(step.rms_eps)!r}f",
-        attn_scale=f"{step.head_dim ** -0.5!r}f", linears=linears, glu=glu, at=at,
-        own=own, own_floats=own_floats,
-        part_stride=offsets({"part": step.head_dim + 2})[1], key_rows=key_rows,
-        key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * step.head_dim * 4, LINE)),
-        per_layer=2 + 3 * len(STEP_LINEARS),
-        slot={"attn_norm": 0, "ffn_norm": 1} | {role: 2 + 3 * i for i, role in enumerate(STEP_LINEARS)})
+        scratch_prototype=scratch.rstrip(";"), layers=c.layers,
+        hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, group_heads=group_heads,
+        head_dim=c.head_dim, intermediate=c.intermediate, vocab=c.vocab_size, rms_eps=f"{float(c.rms_eps)!r}f",
+        attn_scale=f"{c.head_dim ** -0.5!r}f", segments=tuple(segments), head=kernels[step.head], glu=glu,
+        k_at=k_at, v_at=v_at, at=at, own=own, own_floats=own_floats,
+        part_stride=offsets({"part": c.head_dim + 2})[1], key_rows=key_rows,
+        key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * c.head_dim * 4, LINE)),
+        per_layer=per_layer, slot=slot)
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
     check(spec, schedule)
-    lay = layout(spec, schedule)
-    name = kernel_name(spec, schedule)
-    a8 = spec.family == "wq_a8"
-    subs = 8 // spec.bits if a8 else 0
-    dot8 = a8 and spec.bits == 8
-    zero_point = float(1 << (spec.bits - 1))
-    block_chunks = A8_BLOCK // lay.chunk if a8 else 0
-    blocks = -(-lay.chunks // block_chunks) if a8 else 0
-    # fp32: x pre-scaled (padded) and group sums; int8: x's bytes as words per (chunk, shift), block scales, group sums
-    scratch = lay.chunks * subs + blocks + lay.groups if a8 else lay.chunks * lay.chunk + lay.groups
-    return KernelParams(
-        name=name, template=f"{spec.kind}.c.j2", prototype=prototype(name).rstrip(";"),
-        tag=schedule.tag(), scratch=scratch, subs=subs, byte_mask=0x01010101 * ((1 << spec.bits) - 1) if a8 else 0,
-        block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // A8_BLOCK if a8 else 0,
-        prefetch=tuple(range(PREFETCH, PREFETCH + lay.words * lay.tile_rows * 4, LINE)),
-        bits=spec.bits, rows=spec.rows, cols=spec.cols, padded_cols=lay.chunks * lay.chunk,
-        symmetric=spec.symmetric, zero_point=zero_point, dot8=dot8,
-        code_shift=128.0 * dot8 - (zero_point if spec.symmetric else 0.0),
-        stype="uint16_t" if spec.scale_dtype == "fp16" else "float",
-        load_scale="vf_load_h" if spec.scale_dtype == "fp16" else "vf_load",
-        vector_width=spec.vector_width, row_vectors=schedule.row_vectors, tile_rows=lay.tile_rows,
-        tiles=lay.tiles, accumulators=schedule.accumulators, col_tile=schedule.col_tile,
-        k_block=schedule.k_block, k_block_chunks=schedule.k_block // lay.chunk,
-        chunk=lay.chunk, chunks=lay.chunks, words=lay.words, groups=lay.groups,
-        group_size=spec.group_size, group_chunks=lay.group_chunks, shifts=tuple(sorted({e.shift for e in lay.extracts})),
-        derives=lay.derives, views=lay.views, extracts=lay.extracts,
-        prescale=tuple(f"{float(v)!r}f" for v in lay.prescale()),
-    )
+    return spec.traits.params(spec, schedule)
 
 
 @cache
@@ -221,10 +154,11 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
         raise SpecError("the same kernel is listed twice")
     gemv = {spec: p for (spec, _), p in zip(kernels, ps) if spec.kind == "gemv"}
     sps = [step_params(step, gemv) for step in steps]
-    glu = {sp.linears["gate_up"].name for sp in sps if sp.glu}
+    glu = {g.linears["gate_up"].name for sp in sps for g in sp.segments if g.glu}
     ps = [replace(p, glu=True) if p.name in glu else p for p in ps]
     isa = isas.pop()
-    text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target)
+    text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa,
+                                                                         header=ISAS[isa].header, target=target)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
         (prototypes[step.name], prototypes[step.name + "_greedy"],

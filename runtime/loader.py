@@ -10,10 +10,11 @@ import cffi
 import numpy as np
 
 from perfmodel.host import detect
+from qigen.arch import ROLE_NAMES
+from qigen.family import Array
 from qigen.layout import PackedWeights, layout, pack
 from qigen.quant import QuantizedWeights, quantize
-from qigen.render import kernel_name
-from qigen.spec import STEP_LINEARS, KernelSpec, Schedule, StepSpec
+from qigen.spec import KernelSpec, Schedule, StepSpec, kernel_name
 
 
 class LoadError(RuntimeError):
@@ -43,20 +44,25 @@ class Kernel:
         """y = W·x (+ bias) for x of (cols,) or (n, cols); returns (rows,) or (n, rows) float32."""
         return self.bind(weights, bias)(x, threads)
 
+    @property
+    def bundle(self) -> tuple[Array, ...]:
+        return self.spec.traits.bundle(self.spec, self.schedule)
+
     def check(self, weights: PackedWeights) -> None:
-        """Raise ValueError unless `weights` are packed in this kernel's format."""
-        spec = self.spec
-        lay = layout(spec, self.schedule)
-        if weights.layout is not lay and weights.layout != lay:
+        """Raise ValueError unless `weights` are packed in this kernel's format: its family's bundle, array by array."""
+        if weights.layout is not layout(self.spec, self.schedule) and weights.layout != layout(self.spec, self.schedule):
             raise ValueError(f"weights were packed for another layout than {self.name}'s")
-        stype = np.float16 if spec.scale_dtype == "fp16" else np.float32
-        groups = (lay.tiles, lay.groups, lay.tile_rows)
-        if (weights.words.dtype != np.uint32 or weights.words.shape != (lay.tiles, lay.chunks, lay.words, lay.tile_rows)
-                or weights.scales.dtype != stype or weights.scales.shape != groups
-                or (weights.offsets is None) != spec.symmetric
-                or (weights.offsets is not None and (weights.offsets.dtype != stype or weights.offsets.shape != groups))):
-            raise ValueError(f"weights are not in {self.name}'s format: {'no ' if spec.symmetric else ''}offsets and "
-                             f"{spec.scale_dtype} scales of shape {groups} expected; pack them with kernel.pack()")
+        for a in self.bundle:
+            got = weights.arrays.get(a.name)
+            if (got is None) == a.present or (got is not None and (got.dtype != a.dtype or got.shape != a.shape)):
+                want = f"{np.dtype(a.dtype).name} {a.shape}" if a.present else "none"
+                have = "none" if got is None else f"{got.dtype} {got.shape}"
+                raise ValueError(f"weights are not in {self.name}'s format: {a.name} should be {want}, not {have}; "
+                                 "pack them with kernel.pack()")
+
+    def pointers(self, weights: PackedWeights) -> list[np.ndarray | None]:
+        """The bundle's arrays in the order the kernels take them, None where the format has none."""
+        return [weights.arrays.get(a.name) for a in self.bundle]
 
     def bind(self, weights: PackedWeights, bias: np.ndarray | None = None) -> Callable[..., np.ndarray]:
         """Check the weights once; the returned f(x, threads=None) is the fast path of inference loops."""
@@ -68,8 +74,7 @@ class Kernel:
                 raise ValueError(f"bias has shape {bias.shape}: expected ({spec.rows},)")
         ffi, fn, default_threads = self._ffi, self._fn, self.schedule.threads
         kept = (weights, bias)  # the pointers below borrow these arrays' memory
-        args = (ffi.cast("uint32_t *", ffi.from_buffer(weights.words)), ffi.from_buffer(weights.scales),
-                ffi.NULL if weights.offsets is None else ffi.from_buffer(weights.offsets),
+        args = (*(ffi.NULL if a is None else ffi.cast("void *", ffi.from_buffer(a)) for a in self.pointers(weights)),
                 ffi.NULL if bias is None else ffi.cast("float *", ffi.from_buffer(bias)))
 
         def run(x: np.ndarray, threads: int | None = None) -> np.ndarray:
@@ -102,7 +107,7 @@ def _floats(a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
 class Step:
     """A generated decode step: one token through every layer and the head (see StepSpec)."""
     spec: StepSpec
-    linears: dict[str, Kernel]  # the matrix-vector kernels it calls, by role
+    kernels: dict[KernelSpec, Kernel]  # the matrix-vector kernels it calls
     _fn: object
     _greedy: object
     _scratch: object
@@ -112,21 +117,28 @@ class Step:
     def name(self) -> str:
         return self.spec.name
 
+    def kernel(self, layer: int, role: str) -> Kernel:
+        """The kernel of a layer's product; layer None: the head's."""
+        return self.kernels[self.spec.head if layer is None else self.spec.linear(layer, role)]
+
     def bind(self, layers: list[dict[str, np.ndarray | PackedWeights]], norm: np.ndarray, head: PackedWeights,
              threads: int = 1) -> BoundStep:
-        """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed qkv, o, gate_up, down of each
-        layer."""
-        s, ffi = self.spec, self._ffi
-        if len(layers) != s.layers:
-            raise ValueError(f"{self.name} runs {s.layers} layers, got weights for {len(layers)}")
+        """Check the weights once: `layers` holds attn_norm, ffn_norm and the packed products (qkv, o, gate_up,
+        down) of each layer. The step's pointers: per layer the norms, then each product's bundle from its slot."""
+        s, hidden = self.spec, self.spec.config.hidden
+        if len(layers) != s.config.layers:
+            raise ValueError(f"{self.name} runs {s.config.layers} layers, got weights for {len(layers)}")
+        slot, per_layer = s.slots()
         arrays: list[np.ndarray | None] = []
         for i, layer in enumerate(layers):
-            arrays += [_floats(layer[n], (s.hidden,), f"layer {i} {n}") for n in ("attn_norm", "ffn_norm")]
-            for role in STEP_LINEARS:
-                self.linears[role].check(layer[role])
-                arrays += [layer[role].words, layer[role].scales, layer[role].offsets]
-        self.linears["head"].check(head)
-        arrays += [_floats(norm, (s.hidden,), "final norm"), head.words, head.scales, head.offsets]
+            row = [_floats(layer[n], (hidden,), f"layer {i} {n}") for n in ("attn_norm", "ffn_norm")]
+            for role in ROLE_NAMES:
+                kernel = self.kernel(i, role)
+                kernel.check(layer[role])
+                row += [None] * (slot[role] - len(row)) + kernel.pointers(layer[role])
+            arrays += row + [None] * (per_layer - len(row))
+        self.kernel(None, "head").check(head)
+        arrays += [_floats(norm, (hidden,), "final norm"), *self.kernel(None, "head").pointers(head)]
         return BoundStep(self, arrays, threads)
 
 
@@ -165,10 +177,10 @@ class BoundStep:
         if not all(a is b for a, b in zip(arrays, self._state.arrays)):
             context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
             for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-                _floats(c, (s.layers, s.kv_heads, context, s.head_dim), name)
+                _floats(c, (s.config.layers, s.config.kv_heads, context, s.config.head_dim), name)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
-                _floats(r, (context, s.head_dim // 2), name)
-            logits = np.empty(s.vocab, np.float32)
+                _floats(r, (context, s.config.head_dim // 2), name)
+            logits = np.empty(s.config.vocab_size, np.float32)
             self._state = _State(arrays, context, {}, logits, [self._cast(a) for a in (k_cache, v_cache)]
                                  + [ffi.cast("const float *", ffi.from_buffer(a)) for a in (rope_cos, rope_sin)]
                                  + [self._cast(logits)])
@@ -188,8 +200,8 @@ class BoundStep:
                  threads: int | None = None) -> tuple[np.ndarray, int]:
         """The token whose embedding is given, at pos: its logits and the greedy next token."""
         k, v, cos, sin, _, context, scratch, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos, threads)
-        _floats(embedding, (self._step.spec.hidden,), "embedding")
-        logits = np.empty(self._step.spec.vocab, np.float32)
+        _floats(embedding, (self._step.spec.config.hidden,), "embedding")
+        logits = np.empty(self._step.spec.config.vocab_size, np.float32)
         greedy = self._step._fn(self._pointers, self._step._ffi.from_buffer("float[]", embedding), k, v, cos, sin, pos,
                                 context, self._cast(logits), scratch, threads)
         return logits, greedy
@@ -201,14 +213,14 @@ class BoundStep:
         s, ffi = self._step.spec, self._step._ffi
         if n < 1:
             raise ValueError(f"n={n}: at least one token")
-        if not 0 <= token < s.vocab:
-            raise ValueError(f"token {token} is outside the vocabulary of {s.vocab}")
+        if not 0 <= token < s.config.vocab_size:
+            raise ValueError(f"token {token} is outside the vocabulary of {s.config.vocab_size}")
         if not (isinstance(stop, np.ndarray) and stop.dtype == np.int32 and stop.ndim == 1):
             raise ValueError("stop: a 1-D int32 array of token ids expected")
         k, v, cos, sin, logits, context, scratch, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos,
                                                                        threads, n)
         if embeddings is not self._embeddings[0]:
-            _floats(embeddings, (s.vocab, s.hidden), "embeddings")
+            _floats(embeddings, (s.config.vocab_size, s.config.hidden), "embeddings")
             self._embeddings = embeddings, ffi.cast("const float *", ffi.from_buffer(embeddings))
         tokens = np.empty(n, np.int32)
         done = self._step._greedy(self._pointers, self._embeddings[1], token, n, ffi.from_buffer("int[]", stop),
@@ -235,7 +247,6 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: 
                                         for s, sch in kernels}
     gemv = {k.spec: k for k in loaded.values() if k.spec.kind == "gemv"}
     for step in steps:
-        linears = {role: gemv[spec] for role, spec in step.linears().items()}
-        loaded[step.name] = Step(step, linears, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
+        loaded[step.name] = Step(step, {spec: gemv[spec] for spec in step.kernel_specs()}, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
                                  getattr(lib, step.name + "_scratch"), ffi)
     return loaded

@@ -12,15 +12,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from perfmodel import bandwidth
 from perfmodel.host import detect
-from perfmodel.search import rank
+from qigen.arch import HEAD, NORMS, ROLE_NAMES, ROLES, LlamaConfig, layer_prefix
 from qigen.layout import PackedWeights, contiguous, huge_pages
-from qigen.pipeline import best_isa, build_library
 from qigen.quant import QuantizedWeights, dequantize, quantize
-from qigen.render import kernel_name
-from qigen.spec import KernelSpec, QuantSpec, StepSpec
-from runtime.checkpoint import Checkpoint, LlamaConfig
+from qigen.spec import KernelSpec, QuantSpec, StepSpec, prefill_spec
+from runtime.checkpoint import Checkpoint
 from runtime.loader import Kernel, Step
 from runtime.tokenizer import Tokenizer
 
@@ -53,38 +50,21 @@ class Weights:
     quant: QuantSpec | None  # None: fp32
 
 
-def stacked_rows(intermediate: int) -> np.ndarray:
-    """gate_up's rows in gate-then-up order, the order files keep: in memory they interleave, so that a tile of the
-    product holds both factors of its silu(gate)·up."""
-    return np.concatenate([np.arange(0, 2 * intermediate, 2), np.arange(1, 2 * intermediate, 2)])
-
-
 def take_rows(m: Matrix, rows: np.ndarray) -> Matrix:
-    if isinstance(m, np.ndarray):
-        return m[rows]
-    return QuantizedWeights(m.codes[rows], m.scales[rows], None if m.offsets is None else m.offsets[rows])
+    return m[rows] if isinstance(m, np.ndarray) else m.take_rows(rows)
 
 
 def split_linears(ckpt: Checkpoint) -> Weights:
-    """A checkpoint's fp32 tensors, with q/k/v and gate/up stacked so each is one kernel call."""
+    """A checkpoint's fp32 tensors, each layer's products stacked as qigen.arch.ROLES says: one kernel call each."""
     c, t = ckpt.config, ckpt.tensors
-    interleave = np.argsort(stacked_rows(c.intermediate))
     layers = []
     for i in range(c.layers):
-        p = f"model.layers.{i}."
-        layers.append(Layer(
-            attn_norm=t[p + "input_layernorm.weight"],
-            qkv=np.concatenate([t[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]),
-            o=t[p + "self_attn.o_proj.weight"],
-            ffn_norm=t[p + "post_attention_layernorm.weight"],
-            gate_up=take_rows(np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]]), interleave),
-            down=t[p + "mlp.down_proj.weight"]))
+        p = layer_prefix(i)
+        layers.append(Layer(**{n: t[f"{p}{name}.weight"] for n, name in NORMS.items()},
+                            **{r.name: r.stack(c, [t[f"{p}{part.name}.weight"] for part in r.parts]) for r in ROLES}))
     embed = t["model.embed_tokens.weight"]
-    head = embed if c.tied_embeddings else t["lm_head.weight"]
+    head = embed if c.tied_embeddings else t[f"{HEAD.parts[0].name}.weight"]
     return Weights(c, embed, layers, t["model.norm.weight"], head, None)
-
-
-LINEARS = ("qkv", "o", "gate_up", "down")
 
 
 def quantize_weights(w: Weights, quant: QuantSpec,
@@ -95,24 +75,40 @@ def quantize_weights(w: Weights, quant: QuantSpec,
     layers = []
     for i, layer in enumerate(w.layers):
         q = {n: quantizer(getattr(layer, n), quant.kernel_spec(*getattr(layer, n).shape), f"layers.{i}.{n}")
-             for n in LINEARS}
-        layers.append(Layer(layer.attn_norm, q["qkv"], q["o"], layer.ffn_norm, q["gate_up"], q["down"]))
+             for n in ROLE_NAMES}
+        layers.append(replace(layer, **q))
     head_spec = quant.kernel_spec(*w.head.shape, head=True)
     head = quantize(w.head, head_spec)
     embed = dequantize(head, head_spec) if w.config.tied_embeddings else w.embed
     return Weights(w.config, embed, layers, w.norm, head, quant)
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """What a quantized model runs on (built by qigen.llm): its step spec (every product's decode spec), the decode
+    and the prefill kernel of each, by decode spec, and the generated decode step (None: decode by products)."""
+    spec: StepSpec
+    decode: dict[KernelSpec, Kernel]
+    prefill: dict[KernelSpec, Kernel]
+    step: Step | None = None
+
+    @staticmethod
+    def specs(spec: StepSpec) -> list[KernelSpec]:
+        """Every kernel spec a model of that step spec needs: the decode ones and their prefill twins."""
+        decode = spec.kernel_specs()
+        return [*decode, *(prefill_spec(s, PREFILL_BATCH) for s in decode)]
+
+
 class Linear:
     """y = x·Wᵀ: numpy for fp32 weights, else a matrix-vector kernel for one token, matrix-matrix for more."""
 
-    def __init__(self, m: Matrix, kernels: dict[KernelSpec, object] | None, spec: KernelSpec | None):
+    def __init__(self, m: Matrix, kernels: Kernels | None, spec: KernelSpec | None):
         self.seconds = 0.0  # spent in this layer's matrix products
         if isinstance(m, np.ndarray):
             self.packed = None
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
-            self._gemv, gemm = kernels[spec], kernels[prefill_spec(spec)]
+            self._gemv, gemm = kernels.decode[spec], kernels.prefill[spec]
             self.place(self._gemv.pack(m))
             self.prefill = gemm.bind(gemm.pack(m))
 
@@ -125,25 +121,6 @@ class Linear:
         y = self.decode(x, threads) if x.shape[0] == 1 else self.prefill(x, threads)
         self.seconds += time.perf_counter() - t0
         return y
-
-
-def prefill_spec(spec: KernelSpec) -> KernelSpec:
-    """The matrix-matrix twin of a decode spec: PREFILL_BATCH, fp32 activations (prefill is compute-bound)."""
-    return replace(spec, batch=PREFILL_BATCH, family="wq_f32")
-
-
-def build_kernels(specs: set[KernelSpec], threads: int,
-                  steps: tuple[StepSpec, ...] = ()) -> dict[KernelSpec | StepSpec, Kernel | Step]:
-    """Matrix-vector and matrix-matrix (PREFILL_BATCH) kernels for every spec, best predicted schedule, and decode
-    steps on the matrix-vector ones, in one library (compiled once, then cached)."""
-    host = detect()
-    measured = bandwidth.stored(host)
-    pairs = []
-    for s in sorted(specs, key=lambda s: s.name):
-        for spec in (s, prefill_spec(s)):
-            pairs.append((spec, rank(spec, host, measured, threads)[0].schedule))
-    loaded, _ = build_library(pairs, host, steps)
-    return {s: loaded[kernel_name(s, sch)] for s, sch in pairs} | {step: loaded[step.name] for step in steps}
 
 
 @dataclass
@@ -177,30 +154,29 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 class Model:
-    def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True):
-        """fused: decode quantized models with the generated decode step (every layer and the head in C, one
-        parallel region per token); False decodes with the Python loop over per-product kernels."""
+    def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None,
+                 kernels: Kernels | None = None):
+        """kernels: what a quantized model runs on (qigen.llm.build_model makes them); with a decode step in them,
+        decode runs it (every layer and the head in C, one parallel region per token), else the Python loop over
+        per-product kernels."""
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
         self.threads = threads or detect().cores
-        c, q, isa = self.config, weights.quant, best_isa(detect())
-        kernels, self.step, self.step_seconds = None, None, 0.0
-        specs = {}
-        if q is not None:
-            step = StepSpec(c.layers, c.hidden, c.heads, c.kv_heads, c.head_dim, c.intermediate, c.vocab_size,
-                            c.rms_eps, q, isa)
-            specs = {(n, i): step.linears()[n] for i in range(c.layers) for n in LINEARS} | {"head": step.linears()["head"]}
-            kernels = build_kernels(set(specs.values()), self.threads, (step,))
-        self.linears = [{n: Linear(getattr(l, n), kernels, specs.get((n, i))) for n in LINEARS}
+        if (weights.quant is None) != (kernels is None):
+            raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
+        self.step, self.step_seconds = None, 0.0
+        spec = (lambda i, n: kernels.spec.linear(i, n)) if kernels else (lambda i, n: None)
+        self.linears = [{n: Linear(getattr(l, n), kernels, spec(i, n)) for n in ROLE_NAMES}
                         for i, l in enumerate(weights.layers)]
-        self.head = Linear(weights.head, kernels, specs.get("head"))
-        if q is not None:  # decode's weights end to end, in the order a token reads them, on huge pages
-            linears = [lin[n] for lin in self.linears for n in LINEARS] + [self.head]
+        self.head = Linear(weights.head, kernels, kernels and kernels.spec.head)
+        if kernels:  # decode's weights end to end, in the order a token reads them, on huge pages
+            linears = [lin[n] for lin in self.linears for n in ROLE_NAMES] + [self.head]
             for lin, packed in zip(linears, contiguous([lin.packed for lin in linears])):
                 lin.place(packed)
-        if q is not None and fused:
-            layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in LINEARS}
+        if kernels and kernels.step:
+            layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in ROLE_NAMES}
                       for l, lin in zip(weights.layers, self.linears)]
-            self.step = kernels[step].bind(layers, weights.norm, self.head.packed, self.threads)
+            self.step = kernels.step.bind(layers, weights.norm, self.head.packed, self.threads)
+        c = self.config
         self.rope_freqs = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
         self._blas = ThreadpoolController()
 
@@ -259,15 +235,16 @@ class Model:
         c, th = self.config, self.threads
         n, pos = len(tokens), state.pos
         hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
+        k_at, v_at = list(ROLES[ROLE_NAMES.index("qkv")].offsets(c).values())[1:]  # where qkv's k and v rows start
         x = self.w.embed[tokens]  # (T, hidden) token embeddings
         causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions
         for i, (layer, lin) in enumerate(zip(self.w.layers, self.linears)):
             # attention: q, k, v of the normed input, rotated, k and v appended to the cache
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
             qkv = lin["qkv"](h, th)
-            q = qkv[:, :heads * hd].reshape(n, heads, hd).transpose(1, 0, 2)
-            k = qkv[:, heads * hd:(heads + kvh) * hd].reshape(n, kvh, hd).transpose(1, 0, 2)
-            v = qkv[:, (heads + kvh) * hd:].reshape(n, kvh, hd).transpose(1, 0, 2)
+            q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
+            k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
+            v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
             state.k[i, :, pos:pos + n] = self._rope(k, state)
             state.v[i, :, pos:pos + n] = v
             q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head

@@ -32,8 +32,7 @@ def time_kernel(kernel: Kernel, threads: int, repeats: int = 5, seed: int = 0) -
     spec = kernel.spec
     rng = np.random.default_rng(seed)
     packed = kernel.quantize(rng.standard_normal((spec.rows, spec.cols)).astype(np.float32))
-    copies = [packed] + [replace(packed, words=packed.words.copy(), scales=packed.scales.copy(),
-                                 offsets=None if packed.offsets is None else packed.offsets.copy())
+    copies = [packed] + [replace(packed, arrays={name: a.copy() for name, a in packed.arrays.items()})
                          for _ in range(-(-2 * detect().l3 // packed.nbytes) - 1)]
     x = rng.standard_normal((spec.batch, spec.cols) if spec.batch > 1 else spec.cols).astype(np.float32)
     turn = iter(range(1 << 62))

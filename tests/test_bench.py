@@ -8,7 +8,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from perfmodel import bandwidth
+from runtime import bandwidth
 from perfmodel.host import detect
 from qigen.bench import SCHEMA, BenchError, Progress, Task, summary
 from qigen.bench.model import baselines

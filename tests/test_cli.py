@@ -17,15 +17,14 @@ import numpy as np
 import pytest
 
 import qigen
-from perfmodel import bandwidth as probe
+from runtime import bandwidth as probe
 from perfmodel.cost import bandwidth
 from perfmodel.host import FEATURES, detect
 from perfmodel.search import choose_format, rank
 from qigen.cli import main
 from qigen.pipeline import best_isa
 from qigen.quant import quantize, reference, relative_error
-from qigen.render import kernel_name
-from qigen.spec import ISAS, KernelSpec, Schedule, check
+from qigen.spec import ISAS, KernelSpec, Schedule, check, kernel_name
 
 HOST = detect()
 ISA = best_isa(HOST)
@@ -86,7 +85,7 @@ def test_info_json(capsys, cache):
     ex = d["example"]
     assert ex["spec"] == KernelSpec(4096, 4096, 4, 128, isa=ISA).name
     check(KernelSpec(4096, 4096, 4, 128, isa=ISA), Schedule(**ex["schedule"]))
-    assert ex["predicted_s"] > 0 and ex["bandwidth_assumed"] == bandwidth(HOST, HOST.cores, None)
+    assert ex["predicted_s"] > 0 and ex["bandwidth_assumed"] == bandwidth(HOST, HOST.cores)
 
 
 def test_info_shows_the_stored_bandwidth(capsys, cache):
@@ -95,7 +94,7 @@ def test_info_shows_the_stored_bandwidth(capsys, cache):
     probe._path(HOST).write_text(json.dumps({"read_bytes_per_s": measured, "measured_at": 0}))
     d = json.loads(_qigen(capsys, "info", "--json")[1])
     assert d["read_bandwidth"] == {str(t): v for t, v in measured.items()}
-    assert d["example"]["bandwidth_assumed"] == pytest.approx(bandwidth(HOST, HOST.cores, measured))
+    assert d["example"]["bandwidth_assumed"] == pytest.approx(bandwidth(probe.measured(HOST, measured), HOST.cores))
 
 
 def test_info_text(capsys, cache):
@@ -161,7 +160,7 @@ def test_manifest_describes_every_kernel(two_shapes):
         assert (spec.bits, spec.group, spec.isa, spec.batch) == (3, 32, ISA, 1)
         assert k["name"] == kernel_name(spec, schedule)
         check(spec, schedule)
-        assert schedule == rank(spec, HOST, None, m["threads"])[0].schedule  # untuned: the model's first choice
+        assert schedule == rank(spec, HOST, m["threads"])[0].schedule  # untuned: the model's first choice
         assert k["predicted"]["seconds"] > 0 and k["predicted"]["measured_bandwidth"] is False
         assert k["measured_s"] is None
         assert 0 < k["relative_error"] < 0.3
@@ -215,7 +214,7 @@ def test_max_error_picks_a_format(capsys, cache, tmp_path):
     k = m["kernels"][0]
     assert k["relative_error"] <= 0.2
     spec = KernelSpec(**k["spec"])
-    expected, err = choose_format(KernelSpec(64, 128, 4, 128, isa=ISA), HOST, None, 0.2, None, None, "any")
+    expected, err = choose_format(KernelSpec(64, 128, 4, 128, isa=ISA), HOST, 0.2, None, None, "any")
     assert spec == expected and k["relative_error"] == err
     _check_kernel(qigen.load(tmp_path / "k").find(64, 128))
 
@@ -239,7 +238,7 @@ def test_tune_records_the_measured_time(capsys, cache, tmp_path):
     k = m["kernels"][0]
     assert k["measured_s"] > 0 and np.isfinite(k["measured_s"])
     spec, schedule = KernelSpec(**k["spec"]), Schedule(**k["schedule"])
-    assert schedule in [c.schedule for c in rank(spec, HOST, None, 1)[:3]]  # the fastest of the top three
+    assert schedule in [c.schedule for c in rank(spec, HOST, 1)[:3]]  # the fastest of the top three
     _check_kernel(qigen.load(tmp_path / "k").find(64, 128))
 
 

@@ -10,11 +10,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from perfmodel import bandwidth as probe
+from runtime import bandwidth as probe
 from perfmodel import cost
 from perfmodel.cost import ASSUMED_BANDWIDTH, ASSUMED_BANDWIDTH_MAX, bandwidth, predict, weight_bytes
 from perfmodel.host import Host, KiB, MiB
-from perfmodel.search import (ACCUMULATORS, COL_TILES, K_BLOCKS, ROW_VECTORS, bits_per_weight, choose_format,
+from perfmodel.search import (bits_per_weight, choose_format,
                               formats, rank, schedules)
 from qigen.quant import relative_error
 from qigen.spec import BITS, GROUPS, KernelSpec, Schedule, SpecError, check
@@ -24,15 +24,18 @@ HOST = Host("testcpu", "", "a fixed 8-core AVX2 host", cores=8, features=AVX2, l
             l3=32 * MiB, freq_hz=3e9, native=False)
 MEASURED = {1: 10e9, 4: 25e9, 8: 30e9}  # bytes/s per thread count
 
+
+def on(measured: dict[int, float] | None) -> Host:
+    """HOST carrying a measured read bandwidth (None or {}: never measured)."""
+    return replace(HOST, bandwidth=tuple(sorted((measured or {}).items())))
+
 GEMV_SPECS = [KernelSpec(64, 128, b, 128, isa=isa) for b in BITS for isa in ("avx2", "avx512", "scalar")]
 GEMM_SPECS = [KernelSpec(64, 128, b, 32, batch=n) for b in BITS for n in (8, 64)]
 
 
 def _space(spec: KernelSpec, threads: int) -> list[Schedule]:
     """The whole enumerated space, legal or not."""
-    if spec.kind == "gemv":
-        return [Schedule(r, a, 1, 0, threads) for r, a in itertools.product(ROW_VECTORS, ACCUMULATORS)]
-    return [Schedule(r, 1, n, kb, threads) for r, n, kb in itertools.product(ROW_VECTORS, COL_TILES, K_BLOCKS)]
+    return list(spec.traits.space(spec, threads))
 
 
 def _legal(spec: KernelSpec, schedule: Schedule) -> bool:
@@ -68,24 +71,24 @@ def test_avx512_has_more_registers_so_more_gemv_schedules():
                                   KernelSpec(512, 1024, 2, None, batch=16)], ids=lambda s: s.name)
 @pytest.mark.parametrize("measured", [None, MEASURED], ids=["assumed", "measured"])
 def test_rank_is_sorted_by_predicted_time(spec, measured):
-    ranked = rank(spec, HOST, measured, threads=4)
+    ranked = rank(spec, on(measured), threads=4)
     seconds = [c.prediction.seconds for c in ranked]
     assert seconds == sorted(seconds)
     assert [c.schedule for c in ranked] and {c.schedule for c in ranked} == set(schedules(spec, 4))
     for c in ranked:
-        assert c.prediction == predict(spec, c.schedule, HOST, measured, 4)
+        assert c.prediction == predict(spec, c.schedule, on(measured), 4)
         assert c.prediction.measured_bandwidth == (measured is not None)
 
 
 def test_rank_threads_default_to_the_host_cores():
-    assert {c.schedule.threads for c in rank(KernelSpec(64, 128, 4), HOST, None)} == {HOST.cores}
+    assert {c.schedule.threads for c in rank(KernelSpec(64, 128, 4), HOST)} == {HOST.cores}
 
 
 # --- the cost formula ---
 
 def test_prediction_is_the_larger_of_memory_and_compute_plus_overhead():
     spec, s = KernelSpec(4096, 4096, 4, 128), Schedule(2, 2, threads=8)
-    p = predict(spec, s, HOST, MEASURED)
+    p = predict(spec, s, on(MEASURED))
     assert p.seconds == pytest.approx(max(p.memory_s, p.compute_s) + cost.CALL_OVERHEAD)
     assert p.bytes == weight_bytes(spec, s) + 4 * (spec.cols + spec.rows)
     assert p.memory_s == pytest.approx(p.bytes / p.bandwidth)
@@ -97,16 +100,16 @@ def test_prediction_is_the_larger_of_memory_and_compute_plus_overhead():
                          ids=lambda s: s.kind)
 def test_predictions_grow_with_rows(spec):
     schedule = schedules(spec, 4)[0]
-    fixed = [predict(replace(spec, rows=m), schedule, HOST, None, 4) for m in (64, 256, 1024, 4096, 16384)]
+    fixed = [predict(replace(spec, rows=m), schedule, HOST, 4) for m in (64, 256, 1024, 4096, 16384)]
     assert all(a.memory_s < b.memory_s for a, b in zip(fixed, fixed[1:]))
     assert all(a.seconds <= b.seconds for a, b in zip(fixed, fixed[1:]))
     assert fixed[-1].seconds > fixed[0].seconds
-    best = [rank(replace(spec, rows=m), HOST, None, 4)[0].prediction.seconds for m in (64, 256, 1024, 4096, 16384)]
+    best = [rank(replace(spec, rows=m), HOST, 4)[0].prediction.seconds for m in (64, 256, 1024, 4096, 16384)]
     assert all(a <= b for a, b in zip(best, best[1:])) and best[-1] > best[0]
 
 
 def test_gemm_prediction_grows_with_batch():
-    seconds = [rank(KernelSpec(1024, 1024, 4, 128, batch=n), HOST, None, 8)[0].prediction.seconds
+    seconds = [rank(KernelSpec(1024, 1024, 4, 128, batch=n), HOST, 8)[0].prediction.seconds
                for n in (2, 16, 128, 512)]
     assert all(a < b for a, b in zip(seconds, seconds[1:]))
 
@@ -114,7 +117,7 @@ def test_gemm_prediction_grows_with_batch():
 @pytest.mark.parametrize("group", [32, 128, None])
 def test_memory_time_follows_the_bits(group):
     schedule = Schedule(1, 2, threads=8)
-    memory = {b: predict(KernelSpec(4096, 4096, b, group), schedule, HOST, MEASURED).memory_s for b in BITS}
+    memory = {b: predict(KernelSpec(4096, 4096, b, group), schedule, on(MEASURED)).memory_s for b in BITS}
     assert memory[2] < memory[3] < memory[4] < memory[8]
 
 
@@ -144,27 +147,27 @@ def test_padding_counts_in_bits_per_weight():
 @pytest.mark.parametrize("threads, expected", [(1, 10e9), (2, 15e9), (3, 20e9), (4, 25e9), (6, 27.5e9), (8, 30e9),
                                                (16, 30e9)])
 def test_bandwidth_interpolates_between_measured_points(threads, expected):
-    assert bandwidth(HOST, threads, MEASURED) == pytest.approx(expected)
+    assert bandwidth(on(MEASURED), threads) == pytest.approx(expected)
 
 
 def test_bandwidth_is_flat_below_the_first_point():
-    assert bandwidth(HOST, 1, {2: 20e9, 8: 40e9}) == 20e9
-    assert bandwidth(HOST, 5, {4: 20e9}) == 20e9  # one point: flat everywhere
+    assert bandwidth(on({2: 20e9, 8: 40e9}), 1) == 20e9
+    assert bandwidth(on({4: 20e9}), 5) == 20e9  # one point: flat everywhere
 
 
 @pytest.mark.parametrize("measured", [None, {}], ids=["none", "empty"])
 def test_bandwidth_assumed_when_unmeasured(measured):
-    assert bandwidth(HOST, 1, measured) == ASSUMED_BANDWIDTH
-    assert bandwidth(HOST, 4, measured) == 4 * ASSUMED_BANDWIDTH
-    assert bandwidth(HOST, 64, measured) == HOST.cores * ASSUMED_BANDWIDTH  # no more threads than cores
-    server = replace(HOST, cores=64)
-    assert bandwidth(server, 64, measured) == ASSUMED_BANDWIDTH_MAX  # capped at what memory channels give
+    assert bandwidth(on(measured), 1) == ASSUMED_BANDWIDTH
+    assert bandwidth(on(measured), 4) == 4 * ASSUMED_BANDWIDTH
+    assert bandwidth(on(measured), 64) == HOST.cores * ASSUMED_BANDWIDTH  # no more threads than cores
+    server = replace(on(measured), cores=64)
+    assert bandwidth(server, 64) == ASSUMED_BANDWIDTH_MAX  # capped at what memory channels give
 
 
 def test_prediction_uses_the_measured_bandwidth():
     spec, s = KernelSpec(4096, 4096, 4, 128), Schedule(1, 2, threads=2)
-    measured = predict(spec, s, HOST, {1: 5e9, 8: 40e9})
-    assumed = predict(spec, s, HOST, None)
+    measured = predict(spec, s, on({1: 5e9, 8: 40e9}))
+    assumed = predict(spec, s, HOST)
     assert measured.measured_bandwidth and not assumed.measured_bandwidth
     assert measured.bandwidth == pytest.approx(10e9) and assumed.bandwidth == 2 * ASSUMED_BANDWIDTH
     assert measured.memory_s == pytest.approx(2 * assumed.memory_s)
@@ -196,7 +199,7 @@ BASE = KernelSpec(512, 1024, 4, 128)
 
 @pytest.mark.parametrize("max_error", [1.0, 0.4, 0.2, 0.1, 0.05, 0.01])
 def test_choose_format_respects_max_error(max_error):
-    spec, err = choose_format(BASE, HOST, None, max_error, None, None, "any")
+    spec, err = choose_format(BASE, HOST, max_error, None, None, "any")
     assert err <= max_error
     sample = np.random.default_rng(0).standard_normal((256, BASE.cols)).astype(np.float32)
     assert err == pytest.approx(relative_error(sample, replace(spec, rows=256)))
@@ -204,29 +207,29 @@ def test_choose_format_respects_max_error(max_error):
 
 
 def test_looser_error_budget_means_fewer_bits():
-    chosen = [choose_format(BASE, HOST, None, e, None, None, "any")[0].bits for e in (0.01, 0.05, 0.1, 0.2, 0.4, 1.0)]
+    chosen = [choose_format(BASE, HOST, e, None, None, "any")[0].bits for e in (0.01, 0.05, 0.1, 0.2, 0.4, 1.0)]
     assert chosen == sorted(chosen, reverse=True)
     assert chosen[0] == 8 and chosen[-1] == 2
 
 
 def test_choose_format_keeps_what_is_fixed():
-    spec, err = choose_format(BASE, HOST, None, 0.2, None, 4, "any")
+    spec, err = choose_format(BASE, HOST, 0.2, None, 4, "any")
     assert spec.bits == 4 and err <= 0.2
-    spec, err = choose_format(BASE, HOST, None, 0.2, None, None, 64)
+    spec, err = choose_format(BASE, HOST, 0.2, None, None, 64)
     assert spec.group == 64 and err <= 0.2
     with pytest.raises(SpecError, match="no format meets max error 0.01"):
-        choose_format(BASE, HOST, None, 0.01, None, 2, "any")
+        choose_format(BASE, HOST, 0.01, None, 2, "any")
 
 
 def test_choose_format_measures_the_given_weights():
     # weights that are exactly 2-bit codes per 32-group: 2 bits and group 32 reconstruct them exactly
     rng = np.random.default_rng(1)
     w = (rng.integers(0, 4, (64, 128)) * 0.5 - 0.75).astype(np.float32)
-    spec, err = choose_format(KernelSpec(64, 128, 4, 128), HOST, None, 1e-6, w, None, "any")
+    spec, err = choose_format(KernelSpec(64, 128, 4, 128), HOST, 1e-6, w, None, "any")
     assert err <= 1e-6 and spec.bits == 2
     assert err == pytest.approx(relative_error(w, spec), abs=1e-12)
 
 
 def test_unreachable_error_names_the_best_achievable():
     with pytest.raises(SpecError, match=r"no format meets max error 1e-09: the most accurate allowed gives 0\.00"):
-        choose_format(KernelSpec(64, 128, 4, 128), HOST, None, 1e-9, None, None, "any")
+        choose_format(KernelSpec(64, 128, 4, 128), HOST, 1e-9, None, None, "any")

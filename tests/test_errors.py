@@ -20,8 +20,8 @@ from qigen.pipeline import Request, best_isa, generate
 from qigen.pipeline import load as load_kernel_set
 from qigen.layout import pack
 from qigen.quant import QuantizedWeights, quantize, reference
-from qigen.render import kernel_name, render
-from qigen.spec import KernelSpec, Schedule, SpecError, check
+from qigen.render import render
+from qigen.spec import KernelSpec, Schedule, SpecError, check, kernel_name
 from runtime.checkpoint import CheckpointError
 from runtime.compiler import CompileError, build, compile, compiler, flags
 from runtime.loader import LoadError, load
@@ -124,7 +124,7 @@ def test_render_refuses_what_one_library_cannot_hold():
 
 def test_no_schedule_error_names_the_broken_rule():
     with pytest.raises(SpecError, match="thread"):
-        rank(KernelSpec(64, 128, 4), HOST, None, threads=-1)
+        rank(KernelSpec(64, 128, 4), HOST, threads=-1)
 
 
 # --- targets ---
@@ -505,7 +505,7 @@ import sys
 import numpy as np
 from qigen.spec import KernelSpec, Schedule
 from runtime.loader import load
-from qigen.render import kernel_name
+from qigen.spec import kernel_name
 pairs = {pairs!r}
 kernels = load(sys.argv[1], sys.argv[2], pairs, frozenset())
 asym, sym = (kernels[kernel_name(*p)] for p in (pairs[0], pairs[2]))

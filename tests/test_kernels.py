@@ -1,9 +1,10 @@
 """Every kernel variant the search can emit matches the numpy oracle on random data.
 
-For each ISA, bits and kind (matrix-vector, matrix-matrix) the search's whole schedule space is
-crossed with every group size × symmetric/asymmetric × scale dtype and with ragged shapes: each
-kernel takes the next schedule and the next format, until both lists are covered. AVX-512 runs
-through SIMD Everywhere on hosts without it.
+The variants come from the family registry alone: for each ISA, registered family, kind it generates
+(matrix-vector, matrix-matrix) and bits, the search's whole schedule space is crossed with every group
+size × symmetric/asymmetric × scale dtype the family allows and with ragged shapes: each kernel takes
+the next schedule and the next format, until both lists are covered. The oracle multiplies x as the
+family's kernels see it. AVX-512 runs through SIMD Everywhere on hosts without it.
 """
 import functools
 import itertools
@@ -19,9 +20,9 @@ import pytest
 from perfmodel.host import detect, from_target
 from perfmodel.search import schedules
 from qigen.layout import layout, pack_codes, unpack_codes
-from qigen.quant import quantize, quantize_activations, reference
-from qigen.render import kernel_name, render
-from qigen.spec import A8_BITS, A8_BLOCK, BITS, GROUPS, ISA_FEATURES, ISAS, KernelSpec, Schedule
+from qigen.quant import quantize, reference
+from qigen.render import render
+from qigen.spec import BITS, FAMILIES, GROUPS, ISAS, KernelSpec, Schedule, SpecError, kernel_name
 from runtime.compiler import build, compile, compiler, flags
 from runtime.loader import load
 
@@ -31,17 +32,28 @@ FORMATS = list(itertools.product(GROUPS, (False, True), ("fp16", "fp32")))
 GOLDEN = Path(__file__).parent / "golden"
 
 
+BATCH = {"gemv": 1, "gemm": 4}  # each kind's design batch
+
+
+def legal(*args, **kwargs) -> KernelSpec | None:
+    try:
+        return KernelSpec(*args, **kwargs)
+    except SpecError:
+        return None
+
+
 def variants(isa: str) -> list[tuple[KernelSpec, Schedule]]:
     pairs = []
-    kinds = [(bits, 1, "wq_f32") for bits in BITS] + [(bits, 4, "wq_f32") for bits in BITS]
-    kinds += [(bits, 1, "wq_a8") for bits in A8_BITS]
-    for bits, batch, family in kinds:
-        formats = [f for f in FORMATS if family == "wq_f32" or (f[0] or 1) % A8_BLOCK == 0]
-        space = schedules(KernelSpec(64, 576, bits, isa=isa, batch=batch, family=family), threads=2)
+    for family, kind, bits in itertools.product(FAMILIES.values(), ("gemv", "gemm"), BITS):
+        batch = BATCH[kind]
+        formats = [f for f in FORMATS if legal(64, 576, bits, *f, batch=batch, isa=isa, family=family.name)]
+        if not formats:
+            continue
+        space = schedules(KernelSpec(64, 576, bits, *formats[0], batch=batch, isa=isa, family=family.name), threads=2)
         for i in range(max(len(space), len(formats))):
             group, sym, dtype = formats[i % len(formats)]
             rows, cols = SHAPES[i % len(SHAPES)]
-            spec = KernelSpec(rows, cols, bits, group, sym, dtype, batch=batch, isa=isa, family=family)
+            spec = KernelSpec(rows, cols, bits, group, sym, dtype, batch=batch, isa=isa, family=family.name)
             pairs.append((spec, space[i % len(space)]))
     return pairs
 
@@ -54,12 +66,17 @@ def simde() -> bool:
     return r.returncode == 0
 
 
+def native(isa: str) -> bool:
+    return detect().has(*ISAS[isa].features)
+
+
 def runnable(isa: str) -> bool:
-    return detect().has(*ISA_FEATURES[isa]) or (isa == "avx512" and simde())
+    return native(isa) or (ISAS[isa].emulated and simde())
 
 
 def skip_reason(isa: str) -> str:
-    return f"this CPU lacks {isa}" + (" and SIMDE is not installed (apt-get install libsimde-dev)" if isa == "avx512" else "")
+    return f"this CPU lacks {isa}" + (" and SIMDE is not installed (apt-get install libsimde-dev)"
+                                      if ISAS[isa].emulated else "")
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +85,7 @@ def libraries(kernel_cache):
     def one(isa):
         pairs = variants(isa)
         source = render(pairs, "native")
-        emulate = isa == "avx512" and not detect().has(*ISA_FEATURES["avx512"])
+        emulate = not native(isa)
         built = compile(source.text, detect(), emulate=emulate)
         return isa, load(built.path, source.cdef, pairs, built.requires)
 
@@ -93,10 +110,10 @@ def test_kernel_matches_reference(libraries, isa, spec, schedule):
     bias = rng.standard_normal(spec.rows).astype(np.float32)
     # fp32 rounding scales with the sum of |terms| the kernel adds: scale·code and the offset (or zero point) apart
     scale = np.repeat(q.scales.astype(np.float32), spec.group_size, axis=1)[:, :spec.cols]
-    offset = (scale * (1 << (spec.bits - 1)) if q.offsets is None
+    offset = (scale * spec.zero_point if q.offsets is None
               else np.abs(np.repeat(q.offsets.astype(np.float32), spec.group_size, axis=1)[:, :spec.cols]))
     magnitude = (scale * q.codes + offset).T
-    seen = quantize_activations if spec.family == "wq_a8" else lambda x: x  # x as the kernel multiplies it
+    seen = spec.traits.seen  # x as the kernel multiplies it
     for n in (1, 2, schedule.col_tile + 1, 7):
         x = rng.standard_normal((n, spec.cols)).astype(np.float32)
         x[-1, :: 3] *= 50  # outliers: int8 activations scale each block by its own absmax
@@ -155,9 +172,8 @@ def test_rendered_source_matches_golden(file):
 def test_native_avx512_source_builds():
     """The real AVX-512 intrinsics (not SIMDE) compile for an AVX-512 target."""
     target = from_target("skylake-avx512")
-    pairs = [(KernelSpec(37, 100, b, 32, isa="avx512", batch=batch), s)
-             for b in BITS for batch, s in ((1, Schedule(2, 2)), (8, Schedule(2, 1, 6, 64)))]
-    pairs += [(KernelSpec(37, 100, b, 32, isa="avx512", family="wq_a8"), Schedule(3, 1)) for b in A8_BITS]
+    pairs = [(s, schedules(s, 1)[-1]) for f, kind, b in itertools.product(FAMILIES.values(), BATCH, BITS)
+             if (s := legal(37, 100, b, 32, isa="avx512", batch=BATCH[kind], family=f.name))]
     built = build(render(pairs, target.name).text, flags(target))
     assert built.path.stat().st_size > 0
     assert "-march=skylake-avx512" in built.flags
@@ -174,11 +190,11 @@ def test_contiguous_copies_are_equal_and_end_to_end():
     copies = contiguous(packs)
     addresses = []
     for p, c in zip(packs, copies):
-        for a, b in ((p.words, c.words), (p.scales, c.scales), (p.offsets, c.offsets)):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
-                addresses.append(b.ctypes.data)
+        assert list(c.arrays) == list(p.arrays)
+        for name, a in p.arrays.items():
+            b = c.arrays[name]
+            assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
+            addresses.append(b.ctypes.data)
     assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
     # a private mapping: a shared one is shmem, whose huge pages follow shmem_enabled (often never), not the advice
     maps = Path("/proc/self/maps")

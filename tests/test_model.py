@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from qigen.llm import load_file, save
+from qigen.llm import build_model, load_file, save
 from runtime.checkpoint import CheckpointError, load as load_checkpoint
 from qigen.spec import QuantSpec
 from runtime.model import Model, Stats, quantize_weights, split_linears
@@ -73,7 +73,7 @@ def test_fp32_path_matches_plain_torch(ckpt, fp32):
 
 @pytest.fixture(scope="module")
 def q8(ckpt):
-    return Model(quantize_weights(split_linears(ckpt), QuantSpec(bits=8, group=None)), ckpt.tokenizer, threads=2)
+    return build_model(quantize_weights(split_linears(ckpt), QuantSpec(bits=8, group=None)), ckpt.tokenizer, threads=2)
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
@@ -97,7 +97,7 @@ def test_decode_step_matches_python_loop(q8):
     from dataclasses import replace
 
     w = replace(q8.w, quant=replace(q8.w.quant, activations="fp32"))
-    step, loop = Model(w, q8.tokenizer, threads=2), Model(w, q8.tokenizer, threads=2, fused=False)
+    step, loop = build_model(w, q8.tokenizer, threads=2), build_model(w, q8.tokenizer, threads=2, fused=False)
     assert step.step is not None and loop.step is None
     ids = q8.tokenizer.encode(PROMPTS[2])
     a, b = step.new_state(len(ids) + 8), loop.new_state(len(ids) + 8)
@@ -115,7 +115,7 @@ def test_int8_activations_keep_decode_perplexity(ckpt):
     from dataclasses import replace
 
     w = quantize_weights(split_linears(ckpt), QuantSpec(4, 64))
-    int8, fp32 = Model(w, ckpt.tokenizer, 2), Model(replace(w, quant=replace(w.quant, activations="fp32")), ckpt.tokenizer, 2)
+    int8, fp32 = build_model(w, ckpt.tokenizer, 2), build_model(replace(w, quant=replace(w.quant, activations="fp32")), ckpt.tokenizer, 2)
     assert "a8" in int8.w.quant.kernel_spec(576, 576).name and "a8" not in fp32.w.quant.kernel_spec(576, 576).name
     text = (Path(__file__).parent.parent / "qigen" / "bench" / "gpl-3.txt").read_text()[:3000]
     p8, scored = int8.perplexity(text, ctx=128, decode=True)

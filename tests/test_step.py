@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from perfmodel.host import detect
-from qigen.quant import dequantize, quantize, quantize_activations
+from qigen.arch import ROLE_NAMES, LlamaConfig
+from qigen.quant import dequantize, quantize
 from qigen.render import render
-from qigen.spec import ISA_FEATURES, ISAS, QuantSpec, Schedule, SpecError, StepSpec
-from runtime.checkpoint import LlamaConfig
+from qigen.spec import ISAS, KernelSpec, QuantSpec, Schedule, SpecError, StepSpec
 from runtime.compiler import compile
 from runtime.loader import load
 from runtime.model import Layer, Model, Weights
-from test_kernels import runnable, skip_reason
+from test_kernels import native, runnable, skip_reason
 
 GOLDEN = Path(__file__).parent / "golden"
 # (layers, hidden, heads, kv_heads, head_dim, intermediate, vocab)
@@ -35,19 +35,21 @@ FORMATS = {
 TOKENS = 10
 
 
+def config(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab) -> LlamaConfig:
+    return LlamaConfig(vocab, hidden, intermediate, layers, heads, kv_heads, head_dim, 10000.0, 1e-5, 32, False)
+
+
 def step_spec(size: str, quant: QuantSpec, isa: str) -> StepSpec:
-    layers, hidden, heads, kv_heads, head_dim, intermediate, vocab = SIZES[size]
-    return StepSpec(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, 1e-5, quant, isa)
+    return StepSpec.uniform(config(*SIZES[size]), quant, isa)
 
 
 def build(step: StepSpec, schedule: Schedule | None = None):
     """The step and its matrix-vector kernels in one library (emulated AVX-512 where the CPU lacks it)."""
     from perfmodel.search import rank
 
-    specs = dict.fromkeys(step.linears().values())
-    pairs = [(s, schedule or rank(s, detect(), None, 2)[0].schedule) for s in specs]
+    pairs = [(s, schedule or rank(s, detect(), 2)[0].schedule) for s in step.kernel_specs()]
     source = render(pairs, "native", (step,))
-    emulate = step.isa == "avx512" and not detect().has(*ISA_FEATURES["avx512"])
+    emulate = not native(step.isa)
     built = compile(source.text, detect(), emulate=emulate)
     return load(built.path, source.cdef, pairs, built.requires, (step,))[step.name]
 
@@ -55,30 +57,30 @@ def build(step: StepSpec, schedule: Schedule | None = None):
 def random_model(step: StepSpec, seed: int = 0):
     """Random weights: quantized (what the step reads) and dequantized (what the reference multiplies)."""
     rng = np.random.default_rng(seed)
-    lin = step.linears()
-    norm = lambda: (1 + 0.1 * rng.standard_normal(step.hidden)).astype(np.float32)
+    c = step.config
+    norm = lambda: (1 + 0.1 * rng.standard_normal(c.hidden)).astype(np.float32)
     quantized, layers = [], []
-    for _ in range(step.layers):
+    for i in range(c.layers):
+        specs = {n: step.linear(i, n) for n in ROLE_NAMES}
         q = {n: quantize((rng.standard_normal((s.rows, s.cols)) / np.sqrt(s.cols)).astype(np.float32), s)
-             for n, s in lin.items() if n != "head"}
-        d = {n: dequantize(q[n], lin[n]) for n in q}
+             for n, s in specs.items()}
+        d = {n: dequantize(q[n], specs[n]) for n in q}
         quantized.append(q | {"attn_norm": norm(), "ffn_norm": norm()})
         layers.append(Layer(quantized[-1]["attn_norm"], d["qkv"], d["o"], quantized[-1]["ffn_norm"], d["gate_up"],
                             d["down"]))
-    head = quantize(rng.standard_normal((step.vocab, step.hidden)).astype(np.float32), lin["head"])
-    config = LlamaConfig(step.vocab, step.hidden, step.intermediate, step.layers, step.heads, step.kv_heads,
-                         step.head_dim, 10000.0, step.rms_eps, 32, False)
-    embed = rng.standard_normal((step.vocab, step.hidden)).astype(np.float32)
+    head = quantize(rng.standard_normal((c.vocab_size, c.hidden)).astype(np.float32), step.head)
+    embed = rng.standard_normal((c.vocab_size, c.hidden)).astype(np.float32)
     final = norm()
-    return quantized, final, head, Weights(config, embed, layers, final, dequantize(head, lin["head"]), None)
+    return quantized, final, head, Weights(c, embed, layers, final, dequantize(head, step.head), None)
 
 
 def packed(kernel, quantized):
-    return [{n: kernel.linears[n].pack(v) if n in kernel.linears else v for n, v in q.items()} for q in quantized]
+    return [{n: kernel.kernel(i, n).pack(v) if n in ROLE_NAMES else v for n, v in q.items()}
+            for i, q in enumerate(quantized)]
 
 
 def bound(kernel, quantized, final, head):
-    return kernel.bind(packed(kernel, quantized), final, kernel.linears["head"].pack(head), threads=2)
+    return kernel.bind(packed(kernel, quantized), final, kernel.kernel(None, "head").pack(head), threads=2)
 
 
 def _params():
@@ -95,16 +97,13 @@ def test_step_matches_python_forward(isa, fmt, size):
     quantized, final, head, reference = random_model(step)
     run = bound(build(step), quantized, final, head)
     ref = Model(reference, None, threads=2)
-    int8 = {n for n, s in step.linears().items() if s.family == "wq_a8"}  # products that see x as the kernels quantize it
-    for layer, lin in zip(reference.layers, ref.linears):
+    for i, (layer, lin) in enumerate(zip(reference.layers, ref.linears)):  # x as each product's kernel sees it
         for n, product in lin.items():
-            if n in int8:
-                product.decode = lambda x, threads, m=getattr(layer, n): quantize_activations(x) @ m.T
-    if "head" in int8:
-        ref.head.decode = lambda x, threads: quantize_activations(x) @ reference.head.T
+            product.decode = lambda x, threads, m=getattr(layer, n), s=step.linear(i, n): s.traits.seen(x) @ m.T
+    ref.head.decode = lambda x, threads: step.head.traits.seen(x) @ reference.head.T
     ref_state = ref.new_state(TOKENS)
     k, v = np.zeros_like(ref_state.k), np.zeros_like(ref_state.v)
-    tokens = np.random.default_rng(1).integers(0, step.vocab, TOKENS)
+    tokens = np.random.default_rng(1).integers(0, step.config.vocab_size, TOKENS)
     embed = reference.embed.copy()
     for pos, token in enumerate(tokens):
         want = ref.forward([token], ref_state)
@@ -132,11 +131,11 @@ def test_step_refuses_bad_weights_and_positions(tiny):
     wrong = packed(kernel, quantized)
     wrong[1]["o"] = wrong[1]["down"]  # the down product's weights where o's belong
     with pytest.raises(ValueError, match="packed for another layout"):
-        kernel.bind(wrong, final, kernel.linears["head"].pack(head))
+        kernel.bind(wrong, final, kernel.kernel(None, "head").pack(head))
     run = bound(kernel, quantized, final, head)
-    k = v = np.zeros((step.layers, step.kv_heads, 4, step.head_dim), np.float32)
-    rope = np.ones((4, step.head_dim // 2), np.float32)
-    x = np.zeros(step.hidden, np.float32)
+    k = v = np.zeros((step.config.layers, step.config.kv_heads, 4, step.config.head_dim), np.float32)
+    rope = np.ones((4, step.config.head_dim // 2), np.float32)
+    x = np.zeros(step.config.hidden, np.float32)
     with pytest.raises(ValueError, match="outside the context of 4"):
         run(x, k, v, rope, rope, 4)
     with pytest.raises(ValueError, match="k_cache"):
@@ -170,7 +169,7 @@ def test_greedy_loop_matches_single_steps(tiny):
     with pytest.raises(ValueError, match="position 12 is outside the context of 12"):
         run.greedy(reference.embed, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="token 300 is outside the vocabulary"):
-        run.greedy(reference.embed, step.vocab, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.greedy(reference.embed, step.config.vocab_size, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="embeddings"):
         run.greedy(reference.embed[:-1], 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="stop"):
@@ -180,14 +179,16 @@ def test_greedy_loop_matches_single_steps(tiny):
 
 
 def test_step_spec_names_the_broken_rule():
-    with pytest.raises(SpecError, match="not a multiple of 2 key/value heads"):
-        StepSpec(1, 64, 3, 2, 16, 64, 10, 1e-5, QuantSpec())
-    with pytest.raises(SpecError, match="odd"):
-        StepSpec(1, 64, 2, 2, 15, 64, 10, 1e-5, QuantSpec())
-    with pytest.raises(SpecError, match="layers=0"):
-        StepSpec(0, 64, 2, 2, 16, 64, 10, 1e-5, QuantSpec())
     step = step_spec("mha", QuantSpec(), "avx2")
-    pairs = [(s, Schedule(1, 1)) for s in step.linears().values() if s != step.linears()["head"]]
+    with pytest.raises(SpecError, match="1 layers of kernel specs for a model of 2 layers"):
+        replace(step, config=replace(step.config, layers=2))
+    with pytest.raises(SpecError, match="layer 0 qkv is 96x40 batch 1, the model's is 128x40"):
+        replace(step, config=replace(step.config, heads=4))
+    with pytest.raises(SpecError, match="the head is 70x40, the model's is 71x40"):
+        replace(step, config=replace(step.config, vocab_size=71))
+    with pytest.raises(SpecError, match="KV cache 'q9' is unknown"):
+        replace(step, kv_cache="q9")
+    pairs = [(s, Schedule(1, 1)) for s in step.kernel_specs() if s != step.head]
     with pytest.raises(SpecError, match="needs a matrix-vector kernel for head"):
         render(pairs, "native", (step,))
     with pytest.raises(SpecError, match="one ISA"):
@@ -197,7 +198,7 @@ def test_step_spec_names_the_broken_rule():
 def test_rendered_step_matches_golden():
     """A refactor that changes the generated step shows up here; QIGEN_UPDATE_GOLDEN=1 rewrites the file."""
     step = step_spec("gqa", QuantSpec(), "avx2")
-    text = render([(s, Schedule(1, 1)) for s in step.linears().values()], "golden", (step,)).text
+    text = render([(s, Schedule(1, 1)) for s in step.kernel_specs()], "golden", (step,)).text
     path = GOLDEN / "step_gqa_q4g32_avx2.c"
     if os.environ.get("QIGEN_UPDATE_GOLDEN"):
         path.write_text(text)

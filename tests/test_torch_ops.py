@@ -11,8 +11,7 @@ import qigen.pipeline
 from qigen import torch_ops
 from qigen.quant import dequantize, quantize, reference
 from qigen.spec import SpecError
-from qigen.torch_ops import QuantLinear, spec_for, swap_linears
-from runtime.model import build_kernels
+from qigen.torch_ops import QuantLinear, build_kernels, spec_for, swap_linears
 
 THREADS = 2
 FORMATS = {"q4_g32_asym": dict(bits=4, group=32), "q3_g64_sym": dict(bits=3, group=64, symmetric=True),
@@ -120,7 +119,7 @@ def compiles(monkeypatch):
         calls.append(source)
         return compile_(source, target, *args, **kwargs)
 
-    compile_ = qigen.pipeline.compile  # build_kernels compiles through qigen.pipeline.build_library
+    compile_ = qigen.pipeline.compile  # build_kernels compiles through qigen.pipeline
     monkeypatch.setattr(qigen.pipeline, "compile", counted)
     return calls
 

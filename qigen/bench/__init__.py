@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel import bandwidth
+from runtime import bandwidth
 from runtime.compiler import atomic_write, compiler
 
 BUSY_LOAD = 0.5  # 1-minute load average above which another process skews the numbers

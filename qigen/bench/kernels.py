@@ -11,28 +11,25 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import statistics
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from perfmodel import bandwidth
 from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, detect
-from perfmodel.search import bits_per_weight, rank
+from perfmodel.search import bits_per_weight
 from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional,
                          positive, probe, render_text, summary, write)
-from qigen.pipeline import best_isa, build_library
-from qigen.render import kernel_name
-from qigen.spec import A8_BITS, A8_BLOCK, BITS, GROUPS, KernelSpec, MAX_BATCH
+from qigen.pipeline import TUNE_TOP, best_isa, build
+from qigen.spec import BITS, FAMILIES, GROUPS, MAX_BATCH, KernelSpec, SpecError, activations, kernel_name
+from runtime import bandwidth
 from runtime.loader import Kernel
 from runtime.timing import time_call, time_kernel
 
 LLAMA_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # attention projections, MLP up/gate, MLP down
-TUNE_TOP = 3
 MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 for every shape that could stream
 
 
@@ -40,7 +37,7 @@ MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 f
 class Plan:
     shapes: tuple[tuple[int, int], ...]
     formats: tuple[tuple[int, int | None], ...]  # (bits, group)
-    activations: tuple[str, ...]  # decode's: fp32 and/or int8 (where the format allows); prefill is fp32
+    activations: tuple[str, ...]  # the families' activation types, each where the format allows
     batches: tuple[int, ...]  # 1: decode; more: prefill
     threads: tuple[int, ...]
     repeats: int
@@ -69,8 +66,8 @@ def _shape(text: str) -> tuple[int, int]:
 
 
 def _activations(text: str) -> str:
-    if text not in ("fp32", "int8"):
-        raise ValueError(f"activations {text} are not fp32 or int8")
+    if text not in activations()[1:]:
+        raise ValueError(f"activations {text} are not one of {', '.join(activations()[1:])}")
     return text
 
 
@@ -87,8 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=comma_list(_group), help="group sizes or 'row' (default 32,128)")
     p.add_argument("--batch", type=comma_list(_batch), help="batch sizes: 1 is decode, more is prefill (default 1,64)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
-    p.add_argument("--activations", type=comma_list(_activations), default=("fp32", "int8"),
-                   help="decode activations: fp32 and/or int8 (bits 2, 4 and 8, groups of multiples of 32; default both)")
+    p.add_argument("--activations", type=comma_list(_activations), default=activations()[1:],
+                   help=f"activation types, each where the format allows ({_families()}; default all)")
     p.add_argument("--repeat", type=positive, default=5, help="timed repeats; median and spread reported (default 5)")
     p.add_argument("--tune", action="store_true", help=f"time the {TUNE_TOP} best predicted schedules, keep the fastest")
     p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output directory (default results/)")
@@ -103,27 +100,28 @@ def plan(args: argparse.Namespace, host: Host) -> Plan:
                 repeats=args.repeat, tune=args.tune)
 
 
-def build(specs: list[KernelSpec], host: Host, measured: dict[int, float],
-          top: int) -> tuple[dict[KernelSpec, list[Kernel]], str, dict]:
-    """The `top` best predicted schedules of every spec, rendered into one library, compiled once and loaded;
-    with the source hash and each spec's manifest (spec, candidates, predictions)."""
-    ranked = {s: rank(s, host, measured, threads=host.cores)[:top] for s in specs}
-    # specs that differ only in their batch (design point) may pick the same kernel: render it once
-    pairs = list({kernel_name(s, c.schedule): (s, c.schedule) for s in specs for c in ranked[s]}.values())
-    log(f"compiling {len(pairs)} kernels into one library")
-    lib, source_hash = build_library(pairs, host)
-    manifest = {s: {"spec": s.to_dict(), "bits_per_weight": bits_per_weight(s), "candidates": [
-        {"name": kernel_name(s, c.schedule), "schedule": c.schedule.to_dict(), "predicted": c.prediction.to_dict()}
-        for c in cands]} for s, cands in ranked.items()}
-    kernels = {s: [replace(lib[kernel_name(s, c.schedule)], spec=s) for c in cands] for s, cands in ranked.items()}
-    return kernels, source_hash, manifest
+def _families() -> str:
+    return "; ".join(f"{f.activations}: {f.summary}" for f in FAMILIES.values())
 
 
-def tune(candidates: list[Kernel], threads: int, repeats: int) -> Kernel:
-    """The fastest of the candidates, timed like qigen.pipeline's tuning."""
-    times = {k: statistics.median(time_kernel(k, threads, repeats)) for k in candidates}
-    log(f"tuned {candidates[0].spec.name}: " + ", ".join(f"{k.schedule.tag()} {t * 1e3:.3f} ms" for k, t in times.items()))
-    return min(times, key=times.get)
+def specs(p: Plan, isa: str) -> list[KernelSpec]:
+    """Every (shape, batch, format, activations) of the plan that a family generates; says what it skips."""
+    out = []
+    for (r, c), n, (b, g), act in itertools.product(p.shapes, p.batches, p.formats, p.activations):
+        family = next(f for f in FAMILIES.values() if f.activations == act)
+        try:
+            out.append(KernelSpec(r, c, b, g, batch=n, isa=isa, family=family.name))
+        except SpecError as e:
+            if (r, c) == p.shapes[0]:
+                log(f"skipped: q{b} g{g or 'row'} batch {n} with {act} activations: {e}")
+    return out
+
+
+def manifest(spec: KernelSpec, candidates: list) -> dict:
+    """A spec, its bits per weight and the candidates considered, with their predictions."""
+    return {"spec": spec.to_dict(), "bits_per_weight": bits_per_weight(spec), "candidates": [
+        {"name": kernel_name(spec, c.schedule), "schedule": c.schedule.to_dict(), "predicted": c.prediction.to_dict()}
+        for c in candidates]}
 
 
 def result(impl: str, rows: int, cols: int, n: int, threads: int | None, times: list[float], nbytes: int) -> dict:
@@ -136,22 +134,21 @@ def result(impl: str, rows: int, cols: int, n: int, threads: int | None, times: 
 
 @dataclass(frozen=True)
 class Bench:
-    """What every measurement shares: the machine, its read bandwidth and the repeats."""
+    """What every measurement shares: the machine (with the read bandwidth this run measured) and the repeats."""
     host: Host
-    measured: dict[int, float]
     repeats: int
 
     def qigen(self, kernel: Kernel, threads: int) -> dict:
         """Decode is set against the read bandwidth probed right before and after it (the higher of the two: this
         host's swings by a third within minutes); prefill against the bandwidth measured at the start."""
-        spec, pred = kernel.spec, predict(kernel.spec, kernel.schedule, self.host, self.measured, threads)
+        spec, pred = kernel.spec, predict(kernel.spec, kernel.schedule, self.host, threads)
         decode = spec.kind == "gemv"
         before = probe(threads) if decode else None
         r = result("qigen", spec.rows, spec.cols, spec.batch, threads, time_kernel(kernel, threads, self.repeats),
                    pred.bytes)
         probes = [before, probe(threads)] if decode else []
-        read = max(probes) if decode else read_bandwidth(self.host, threads, self.measured)
-        return r | {"bits": spec.bits, "group": spec.group, "activations": "int8" if spec.family == "wq_a8" else "fp32",
+        read = max(probes) if decode else read_bandwidth(self.host, threads)
+        return r | {"bits": spec.bits, "group": spec.group, "activations": spec.traits.activations,
                     "kernel": kernel.name, "predicted_s": pred.seconds, "bandwidth_probes": probes,
                     "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read}
 
@@ -256,7 +253,7 @@ def tables(records: list[dict], impls: list[str]) -> dict[str, tuple[list[str], 
             "Baselines": (["shape", "n", "impl", "threads", "ms", "spread", "GB/s", "GFLOP/s"], base)}
 
 
-def plot(records: list[dict], threads: tuple[int, ...], host: Host, measured: dict[int, float], path: Path) -> bool:
+def plot(records: list[dict], threads: tuple[int, ...], host: Host, path: Path) -> bool:
     """A roofline per thread count: decode GB/s per bits × group, the model's prediction beside each bar, the
     measured read bandwidth as a line. False (and why) when matplotlib is missing."""
     matplotlib = optional("matplotlib", "the plots")
@@ -280,7 +277,7 @@ def plot(records: list[dict], threads: tuple[int, ...], host: Host, measured: di
                    label=f"q{bits} g{group or 'row'}{' x int8' if act == 'int8' else ''}")
             ax.bar([x + width for x in xs], [r["bytes"] / r["predicted_s"] / 1e9 for _, r in pts], width,
                    color="none", edgecolor=f"C{i % 10}", hatch="//", label="predicted" if i == 0 else None)
-        bw = read_bandwidth(host, t, measured) / 1e9
+        bw = read_bandwidth(host, t) / 1e9
         ax.axhline(bw, color="r", linestyle="--", label=f"read bandwidth {bw:.1f} GB/s")
         ax.set_xticks(range(len(shapes)), [f"{r}x{c}" for r, c in shapes])
         ax.set_ylabel("GB/s of packed weights streamed")
@@ -300,41 +297,32 @@ def run(args: argparse.Namespace) -> dict:
     info = machine(host)
     impls = baselines()
     log("measuring the read bandwidth (1 and all cores) for this run")
-    measured = bandwidth.measure()
+    host = bandwidth.measured(host, bandwidth.measure())
     isa = best_isa(host)
-    specs = []
-    for (r, c), n, (b, g), act in itertools.product(p.shapes, p.batches, p.formats, p.activations):
-        if act == "int8" and n > 1:
-            continue  # prefill multiplies in fp32
-        if act == "int8" and (b not in A8_BITS or not g or g % A8_BLOCK):
-            if (r, c) == p.shapes[0] and n == 1:
-                log(f"skipped: q{b} g{g or 'row'} with int8 activations, which need bits "
-                    f"{', '.join(map(str, A8_BITS))} and groups of multiples of {A8_BLOCK}")
-            continue
-        specs.append(KernelSpec(r, c, b, g, batch=n, isa=isa, family="wq_a8" if act == "int8" else "wq_f32"))
-    if not specs:
+    grid = specs(p, isa)
+    if not grid:
         raise BenchError("nothing to measure: no format of the grid runs with the activations asked for")
-    candidates, source_hash, manifest = build(specs, host, measured, TUNE_TOP if p.tune else 1)
-    kernels = {}
-    for spec, ks in candidates.items():
-        kernels[spec] = tune(ks, max(p.threads), p.repeats) if p.tune else ks[0]
-    records = Progress(tasks(p, kernels, Bench(host, measured, p.repeats), impls)).run()
+    log(f"compiling {len(grid)} kernels" + (f" and timing the {TUNE_TOP} best predicted schedules of each" if p.tune else ""))
+    lib = build(grid, host, max(p.threads), tune=p.tune, repeats=p.repeats, progress=log)
+    kernels = lib.kernels
+    records = Progress(tasks(p, kernels, Bench(host, p.repeats), impls)).run()
     noisy = noisy_note(records, lambda r: [r["spread"]])
     sections = tables(records, impls)
-    bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in sorted(measured.items()))
+    bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in host.bandwidth)
     header = (f"{host.model} ({host.name}, {host.cores} cores, {isa}); read bandwidth {bw} (measured by this run); "
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
-    notes = ["x = activations: fp32, or int8 (x quantized per block of 32, integer dot products; decode only). "
+    notes = [f"x = activations ({_families()}). "
              "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
              "probed right before and after the measurement, the higher of the two; pred = the performance model's "
              "time. 'vs X' = X's time / qigen's time (above 1: "
              "qigen is faster). Every timing rotates weight copies that exceed 2x L3, so weights stream from memory.",
              *([noisy] if noisy else [])]
-    plotted = plot(records, p.threads, host, measured, args.out / "kernels.png")
-    data = info | {"isa": isa, "measured_bandwidth": {str(t): v for t, v in measured.items()}, "plan": {
+    plotted = plot(records, p.threads, host, args.out / "kernels.png")
+    data = info | {"isa": isa, "measured_bandwidth": {str(t): v for t, v in host.bandwidth}, "plan": {
         "shapes": p.shapes, "formats": p.formats, "activations": p.activations, "batches": p.batches, "threads": p.threads, "repeats": p.repeats,
-        "tune": p.tune}, "baselines": impls, "library": {"source_sha256": source_hash, "kernels": [
-            manifest[spec] | {"chosen": k.name} for spec, k in kernels.items()]},
+        "tune": p.tune}, "baselines": impls, "library": {"source_sha256": lib.source.hash, "kernels": [
+            manifest(spec, lib.ranked[spec][:TUNE_TOP if p.tune else 1]) | {"chosen": k.name}
+            for spec, k in kernels.items()]},
         "records": records, "noisy": noisy, "plots": ["kernels.png"] if plotted else []}
     write(args.out, "kernels", data, render_text("Kernels", header, sections, notes, markdown=True))
     if not args.json:

@@ -23,14 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from perfmodel import bandwidth
+from runtime import bandwidth
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional, positive,
                          probe, render_text, summary, write)
 from qigen.bench.kernels import _bits, _group
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
-from qigen.spec import ACTIVATIONS, BITS, QuantSpec
+from qigen.arch import ROLES, linear_weights
+from qigen.spec import BITS, QuantSpec, activations, activations_help
 from runtime.checkpoint import Checkpoint, default_model, load as load_checkpoint
 from runtime.model import Model, RunState, Stats
 
@@ -49,8 +50,8 @@ def _method(text: str) -> str:
 
 
 def _activations(text: str) -> str:
-    if text not in ACTIVATIONS:
-        raise ValueError(f"activations {text} are not one of {', '.join(ACTIVATIONS)}")
+    if text not in activations():
+        raise ValueError(f"activations {text} are not one of {', '.join(activations())}")
     return text
 
 
@@ -60,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", type=comma_list(_group), default=(32, 128), help="group sizes or 'row' (default 32,128)")
     p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
     p.add_argument("--activations", type=comma_list(_activations), default=("auto",),
-                   help="decode activations: auto (int8 where the format allows, else fp32), fp32, int8 (default auto)")
+                   help=f"decode activations: {activations_help()} (default auto)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
@@ -82,8 +83,7 @@ def torch_llama(ckpt: Checkpoint, dtype: str = "float32"):
 
     dt = getattr(torch, dtype)
     nn, F = torch.nn, torch.nn.functional
-    projections = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                   "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+    projections = {part.name.split(".")[1].removesuffix("_proj"): part.name for r in ROLES for part in r.parts}
 
     class TorchLlama(nn.Module):
         prefill, generate, perplexity = Model.prefill, Model.generate, Model.perplexity
@@ -165,9 +165,7 @@ def texts(ckpt: Checkpoint, ctx: int, max_windows: int | None) -> tuple[str, str
 
 def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
     """(weights of the linear layers and the output head, all parameters)."""
-    c = ckpt.config
-    linear = c.layers * c.hidden * (c.head_dim * (c.heads + 2 * c.kv_heads) + c.heads * c.head_dim + 3 * c.intermediate)
-    return linear + c.vocab_size * c.hidden, sum(t.size for t in ckpt.tensors.values())
+    return linear_weights(ckpt.config), sum(t.size for t in ckpt.tensors.values())
 
 
 def packed_bytes(path: Path) -> int:
@@ -224,7 +222,7 @@ class Run:
                 model = make(t)
                 record["speed"][t] = self.speed(model, t, per_token)
             quant = getattr(getattr(model, "w", None), "quant", None)
-            if quant and quant.int8_activations:  # decode's numerics differ from prefill's: score what generation runs
+            if quant and quant.decode_differs:  # decode's numerics differ from prefill's: score what generation runs
                 record["perplexity_path"] = "decode"
                 record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx,
                                                                                  decode=True)
@@ -237,7 +235,7 @@ class Run:
 
     def qigen(self, bits: int, group: int | None, method: str, activations: str) -> dict:
         quant = QuantSpec(bits, group, method=method, activations=activations)
-        act = "int8" if quant.int8_activations else "fp32"
+        act = quant.decode_activations
         name = f"q{bits} g{group or 'row'} {method} {act}"
         path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}.qigen"
         record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act}
@@ -490,7 +488,7 @@ def run(args: argparse.Namespace) -> dict:
     combos = {}  # (bits, group, method, resolved activations): "auto" may coincide with an explicit choice
     for b, g, m, a in itertools.product(args.bits, args.group, args.method, args.activations):
         try:
-            combos.setdefault((b, g, m, "int8" if QuantSpec(b, g, activations=a).int8_activations else "fp32"), a)
+            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).decode_activations), a)
         except ValueError as e:  # e.g. int8 activations asked for 3-bit weights
             log(f"skipped: q{b} g{g or 'row'} {m} with {a} activations: {e}")
     tasks = [Task(f"q{b} g{g or 'row'} {m} {act}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m, a))
