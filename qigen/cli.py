@@ -16,7 +16,8 @@ from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.spec import BITS, ISAS, KernelSpec, QuantSpec, SpecError, activations, activations_help
+from qigen.options import add_activations, add_format
+from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, QuantSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
 
@@ -27,15 +28,6 @@ def _shape(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"shape '{text}' is not ROWSxCOLS, e.g. 4096x11008") from None
     return rows, cols
-
-
-def _group(text: str) -> int | str:
-    if text == "row":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"group '{text}' is not a number or 'row'") from None
 
 
 def _gb(v: float) -> str:
@@ -52,7 +44,7 @@ def info(args: argparse.Namespace) -> dict:
     if host.native:
         host = bandwidth.measured(host)
     isa = best_isa(host)
-    example = KernelSpec(4096, 4096, 4, 128, isa=isa)
+    example = KernelSpec(4096, 4096, 4, isa=isa)
     best = rank(example, host)[0]
     return {
         "host": host.to_dict(),
@@ -91,7 +83,7 @@ def _generate(args: argparse.Namespace) -> dict:
             raise SpecError(f"weights {path} must be a finite numeric matrix (shape {w.shape}, dtype {w.dtype})")
         weights[w.shape] = w.astype(np.float32)
     shapes = tuple(args.shape or []) + tuple(s for s in weights if s not in (args.shape or []))
-    request = Request(shapes=shapes, bits=args.bits or FREE, group={None: FREE, "row": None}.get(args.group, args.group),
+    request = Request(shapes=shapes, bits=args.bits, group=args.group,
                       symmetric=args.sym, scale_dtype=args.scale_dtype, batch=args.batch, target=args.target,
                       isa=args.isa, threads=args.threads, tune=args.tune, max_error=args.max_error,
                       weights=weights or None)
@@ -116,11 +108,7 @@ def _quant(args: argparse.Namespace):
     """The spec a GGUF / Hugging Face model is quantized with on load (None: run it in fp32)."""
     if args.fp32:
         return None
-    return QuantSpec(bits=args.bits or QuantSpec().bits, group=_model_group(args.group))
-
-
-def _model_group(group: int | str | None) -> int | None:
-    return QuantSpec().group if group is None else None if group == "row" else group
+    return QuantSpec(bits=args.bits, group=args.group)
 
 
 def _peak_mb() -> float:
@@ -172,8 +160,8 @@ def _quantize(args: argparse.Namespace) -> dict:
     from qigen.llm import quantize_model
 
     calib = Path(args.calib).read_text() if args.calib else None
-    quant = QuantSpec(bits=args.bits or QuantSpec().bits, group=_model_group(args.group), symmetric=args.sym,
-                      method=args.method, activations=args.activations)
+    quant = QuantSpec(bits=args.bits, group=args.group, symmetric=args.sym, method=args.method,
+                      activations=args.activations)
     out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
     return {"file": str(out), "bytes": out.stat().st_size, "quant": asdict(quant)}
 
@@ -201,11 +189,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--target", default="native", help=target_help)
     g.add_argument("--shape", type=_shape, action="append", help="ROWSxCOLS of a weight matrix (repeatable)")
     g.add_argument("--weights", action="append", help=".npy weight matrix: its shape, and its error for --max-error")
-    g.add_argument("--bits", type=int, choices=BITS, help="bits per weight (default 4, or searched with --max-error)")
-    g.add_argument("--group", type=_group,
-                   help="group size 32/64/128/256 or 'row' (default 128, or searched with --max-error)")
+    add_format(g, FREE, FREE, sym=True, defaults=("4, or searched with --max-error",
+                                                   f"{DEFAULT_GROUP}, or searched with --max-error"))
     g.add_argument("--max-error", type=float, help="pick the fastest bits/group with relative RMS error at most this")
-    g.add_argument("--sym", action="store_true", help="symmetric quantization (no offsets)")
     g.add_argument("--scale-dtype", choices=("fp16", "fp32"), default="fp16")
     g.add_argument("--batch", type=int, default=1, help="1: matrix-vector (decode); up to 512: prefill")
     g.add_argument("--isa", choices=("auto", *ISAS), default="auto")
@@ -217,11 +203,9 @@ def parser() -> argparse.ArgumentParser:
 
     def model_options(c: argparse.ArgumentParser, default_help: str) -> None:
         c.add_argument("model", nargs="?", help=default_help)
-        c.add_argument("--bits", type=int, choices=BITS, help=f"quantize a GGUF / HF model on load (default {QuantSpec().bits})")
-        c.add_argument("--group", type=_group, help=f"group size for on-load quantization (default {QuantSpec().group})")
+        add_format(c, QuantSpec.bits, QuantSpec.group, what=" when a GGUF / HF model is quantized on load")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
-        c.add_argument("--activations", choices=activations(),
-                       help=f"decode activations: {activations_help()}; default: the file's, else auto")
+        add_activations(c, None, shown="the file's, else auto")
         c.add_argument("--threads", type=int, help="threads (default: all cores)")
         c.add_argument("--json", action="store_true", help="one JSON object on stdout")
 
@@ -239,12 +223,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--ctx", type=int, help="context length (default: the model's)")
     q = sub.add_parser("quantize", help="quantize a model into one .qigen file")
     q.add_argument("model", nargs="?", help="a .gguf file or a Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    q.add_argument("--bits", type=int, choices=BITS)
-    q.add_argument("--group", type=_group)
-    q.add_argument("--sym", action="store_true")
+    add_format(q, QuantSpec.bits, QuantSpec.group, sym=True)
     q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
-    q.add_argument("--activations", choices=activations(), default="auto", help="decode activations stored as the "
-                   "file's default (auto: int8 where the format allows)")
+    add_activations(q, "auto")
     q.add_argument("--calib", help="calibration text file (GPTQ)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on)")

@@ -6,6 +6,7 @@ and for the library its ISA, compiler, flags and hashes. `load()` opens it again
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import statistics
@@ -20,21 +21,25 @@ from perfmodel.host import Host, from_target
 from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
 from qigen.quant import relative_error
 from qigen.render import Source, render
-from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, kernel_name
+from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, kernel_name
 from runtime import bandwidth
 from runtime.compiler import Built, atomic_write, build as build_source, compile, stage
 from runtime.loader import Kernel, LoadError, Step, load as load_library
 from runtime.timing import time_kernel
 
-FREE = "free"  # bits or group left to the accuracy search
+class Search(enum.Enum):
+    FREE = "free"  # bits or group left to the accuracy search (not a string: argparse parses string defaults)
+
+
+FREE = Search.FREE
 TUNE_TOP = 3
 
 
 @dataclass(frozen=True)
 class Request:
     shapes: tuple[tuple[int, int], ...]  # (rows, cols) per kernel
-    bits: int | str = FREE
-    group: int | None | str = FREE  # None: one group per row
+    bits: int | Search = FREE
+    group: int | None | Search = FREE  # None: one group per row
     symmetric: bool = False
     scale_dtype: str = "fp16"
     batch: int = 1
@@ -65,7 +70,7 @@ def _spec(request: Request, rows: int, cols: int, isa: str, host: Host) -> tuple
     """The spec for one shape and the relative reconstruction error its format achieves."""
     weights = (request.weights or {}).get((rows, cols))
     base = KernelSpec(rows, cols, bits=4 if request.bits == FREE else request.bits,
-                      group=128 if request.group == FREE else request.group, symmetric=request.symmetric,
+                      group=DEFAULT_GROUP if request.group == FREE else request.group, symmetric=request.symmetric,
                       scale_dtype=request.scale_dtype, batch=request.batch, isa=isa)
     if request.max_error is not None:
         return choose_format(base, host, request.max_error, weights,

@@ -21,6 +21,7 @@ from qigen.arch import HEAD, ROLE_NAMES, ROLES, LlamaConfig
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row
+DEFAULT_GROUP = 128  # a kernel's (a model's is QuantSpec's)
 MAX_BATCH = 512
 
 
@@ -82,6 +83,21 @@ def activations() -> tuple[str, ...]:
     return ("auto", *dict.fromkeys(f.activations for f in FAMILIES.values()))
 
 
+def choose_family(kind: str, make) -> KernelSpec:
+    """make(family name) → a KernelSpec, for the family of activation type `kind`, or with "auto" the first (best
+    first) whose rules the format meets; SpecError names the broken rule when none does."""
+    if kind != "auto":
+        if kind not in activations():
+            raise SpecError(f"activations '{kind}' are unknown: choose {', '.join(activations())}")
+        return make(next(f.name for f in FAMILIES.values() if f.activations == kind))
+    for f in FAMILIES.values():
+        try:
+            return make(f.name)
+        except SpecError:
+            continue
+    return make(next(iter(FAMILIES)))  # raises: no family takes the format
+
+
 def activations_help() -> str:
     return "; ".join(f"{f.activations}: {f.summary}" for f in FAMILIES.values()) + \
         "; auto: the first of these the format allows"
@@ -92,7 +108,7 @@ class KernelSpec:
     rows: int  # M: outputs
     cols: int  # K: inputs
     bits: int
-    group: int | None = 128
+    group: int | None = DEFAULT_GROUP
     symmetric: bool = False
     scale_dtype: str = "fp16"
     batch: int = 1  # 1: matrix-vector (decode); > 1: matrix-matrix (prefill), batch is the design point
@@ -229,15 +245,8 @@ class QuantSpec:
         """The decode (matrix-vector) spec of a layer; prefill takes its prefill_spec."""
         bits, group, symmetric = (self.head_bits, self.head_group, True) if head else (self.bits, self.group,
                                                                                       self.symmetric)
-        spec = lambda name: KernelSpec(rows, cols, bits, group, symmetric, self.scale_dtype, isa=isa, family=name)
-        if self.activations != "auto":
-            return spec(next(f.name for f in FAMILIES.values() if f.activations == self.activations))
-        for f in FAMILIES.values():
-            try:
-                return spec(f.name)
-            except SpecError:
-                continue
-        return spec(next(iter(FAMILIES)))  # raises: no family takes the format
+        return choose_family(self.activations, lambda name: KernelSpec(rows, cols, bits, group, symmetric,
+                                                                       self.scale_dtype, isa=isa, family=name))
 
 
 KV_CACHES = ("fp32",)

@@ -20,7 +20,7 @@ from torch import nn
 from perfmodel.host import detect
 from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, quantize
-from qigen.spec import KernelSpec, prefill_spec
+from qigen.spec import DEFAULT_GROUP, KernelSpec, prefill_spec
 from runtime import bandwidth
 from runtime.loader import Kernel
 from runtime.model import PREFILL_BATCH
@@ -97,7 +97,7 @@ class QuantLinear(nn.Module):
         self._binding = _Binding(gemv.bind(gemv.pack(q), b), gemm.bind(gemm.pack(q), b), spec.rows)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group: int | None = 128, symmetric: bool = False,
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group: int | None = DEFAULT_GROUP, symmetric: bool = False,
                     scale_dtype: str = "fp16", threads: int | None = None,
                     kernels: dict[KernelSpec, Kernel] | None = None) -> QuantLinear:
         """Round-to-nearest quantize `linear`; `kernels` (from build_kernels) must hold its spec at batch 1
@@ -134,14 +134,14 @@ def build_kernels(specs: set[KernelSpec], threads: int | None = None) -> dict[Ke
     return build([*specs, *twins], bandwidth.measured(detect()), threads).kernels
 
 
-def spec_for(linear: nn.Linear, bits: int = 4, group: int | None = 128, symmetric: bool = False,
+def spec_for(linear: nn.Linear, bits: int = 4, group: int | None = DEFAULT_GROUP, symmetric: bool = False,
              scale_dtype: str = "fp16") -> KernelSpec:
     """The matrix-vector spec of `linear` on this CPU's best ISA; SpecError names a broken rule."""
     return KernelSpec(linear.out_features, linear.in_features, bits, group, symmetric, scale_dtype,
                       isa=best_isa(detect()))
 
 
-def swap_linears(model: nn.Module, bits: int = 4, group: int | None = 128,
+def swap_linears(model: nn.Module, bits: int = 4, group: int | None = DEFAULT_GROUP,
                  skip: Callable[[str, nn.Linear], bool] | None = None, threads: int | None = None,
                  symmetric: bool = False, scale_dtype: str = "fp16") -> nn.Module:
     """Replace, in place, every nn.Linear of `model` that skip(qualified name, linear) does not keep

@@ -34,16 +34,6 @@ class BenchError(ValueError):
     """A benchmark that cannot run as asked; the message says what to change."""
 
 
-def comma_list(kind: Callable[[str], object]) -> Callable[[str], tuple]:
-    def split(text: str) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(","))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"'{text}': {e}") from None
-    split.__name__ = f"comma-separated {kind.__name__.strip('_')}"
-    return split
-
-
 def positive(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{text} is not a positive integer")

@@ -21,10 +21,11 @@ import numpy as np
 from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, detect
 from perfmodel.search import bits_per_weight
-from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional,
-                         positive, probe, render_text, summary, write)
+from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional, positive, probe,
+                         render_text, summary, write)
+from qigen.options import add_activations, add_format, comma_list
 from qigen.pipeline import TUNE_TOP, best_isa, build
-from qigen.spec import BITS, FAMILIES, GROUPS, MAX_BATCH, KernelSpec, SpecError, activations, kernel_name
+from qigen.spec import BITS, MAX_BATCH, KernelSpec, SpecError, activations, activations_help, choose_family, kernel_name
 from runtime import bandwidth
 from runtime.loader import Kernel
 from runtime.timing import time_call, time_kernel
@@ -44,31 +45,12 @@ class Plan:
     tune: bool
 
 
-def _group(text: str) -> int | None:
-    group = None if text == "row" else int(text)
-    if group not in GROUPS:
-        raise ValueError(f"group {text} is not one of 32, 64, 128, 256, row")
-    return group
-
-
-def _bits(text: str) -> int:
-    if int(text) not in BITS:
-        raise ValueError(f"{text} bits is not one of {', '.join(map(str, BITS))}")
-    return int(text)
-
-
 def _shape(text: str) -> tuple[int, int]:
     try:
         rows, cols = (positive(v) for v in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"shape {text} is not ROWSxCOLS") from None
     return rows, cols
-
-
-def _activations(text: str) -> str:
-    if text not in activations()[1:]:
-        raise ValueError(f"activations {text} are not one of {', '.join(activations()[1:])}")
-    return text
 
 
 def _batch(text: str) -> int:
@@ -80,12 +62,10 @@ def _batch(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=comma_list(_shape), help="ROWSxCOLS list (default: LLaMA-7B's 4096x4096, "
                    "11008x4096, 4096x11008)")
-    p.add_argument("--bits", type=comma_list(_bits), help="bits list (default 2,3,4,8)")
-    p.add_argument("--group", type=comma_list(_group), help="group sizes or 'row' (default 32,128)")
+    add_format(p, BITS, (32, 128), lists=True)
     p.add_argument("--batch", type=comma_list(_batch), help="batch sizes: 1 is decode, more is prefill (default 1,64)")
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
-    p.add_argument("--activations", type=comma_list(_activations), default=activations()[1:],
-                   help=f"activation types, each where the format allows ({_families()}; default all)")
+    add_activations(p, activations()[1:], lists=True)
     p.add_argument("--repeat", type=positive, default=5, help="timed repeats; median and spread reported (default 5)")
     p.add_argument("--tune", action="store_true", help=f"time the {TUNE_TOP} best predicted schedules, keep the fastest")
     p.add_argument("-o", "--out", type=Path, default=Path("results"), help="output directory (default results/)")
@@ -94,23 +74,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def plan(args: argparse.Namespace, host: Host) -> Plan:
     return Plan(shapes=args.shape or LLAMA_7B,
-                formats=tuple(itertools.product(args.bits or BITS, args.group or (32, 128))),
+                formats=tuple(itertools.product(args.bits, args.group)),
                 activations=args.activations,
                 batches=args.batch or (1, 64), threads=args.threads or tuple(sorted({1, host.cores})),
                 repeats=args.repeat, tune=args.tune)
-
-
-def _families() -> str:
-    return "; ".join(f"{f.activations}: {f.summary}" for f in FAMILIES.values())
 
 
 def specs(p: Plan, isa: str) -> list[KernelSpec]:
     """Every (shape, batch, format, activations) of the plan that a family generates; says what it skips."""
     out = []
     for (r, c), n, (b, g), act in itertools.product(p.shapes, p.batches, p.formats, p.activations):
-        family = next(f for f in FAMILIES.values() if f.activations == act)
         try:
-            out.append(KernelSpec(r, c, b, g, batch=n, isa=isa, family=family.name))
+            out.append(choose_family(act, lambda name: KernelSpec(r, c, b, g, batch=n, isa=isa, family=name)))
         except SpecError as e:
             if (r, c) == p.shapes[0]:
                 log(f"skipped: q{b} g{g or 'row'} batch {n} with {act} activations: {e}")
@@ -311,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
     bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in host.bandwidth)
     header = (f"{host.model} ({host.name}, {host.cores} cores, {isa}); read bandwidth {bw} (measured by this run); "
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
-    notes = [f"x = activations ({_families()}). "
+    notes = [f"x = activations ({activations_help()}). "
              "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
              "probed right before and after the measurement, the higher of the two; pred = the performance model's "
              "time. 'vs X' = X's time / qigen's time (above 1: "

@@ -25,13 +25,13 @@ import numpy as np
 
 from runtime import bandwidth
 from perfmodel.host import detect
-from qigen.bench import (BenchError, Progress, Task, comma_list, log, machine, noisy_note, optional, positive,
+from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional, positive,
                          probe, render_text, summary, write)
-from qigen.bench.kernels import _bits, _group
+from qigen.options import add_activations, add_format, comma_list
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
 from qigen.arch import ROLES, linear_weights
-from qigen.spec import BITS, QuantSpec, activations, activations_help
+from qigen.spec import BITS, QuantSpec
 from runtime.checkpoint import Checkpoint, default_model, load as load_checkpoint
 from runtime.model import Model, RunState, Stats
 
@@ -49,19 +49,11 @@ def _method(text: str) -> str:
     return text
 
 
-def _activations(text: str) -> str:
-    if text not in activations():
-        raise ValueError(f"activations {text} are not one of {', '.join(activations())}")
-    return text
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="GGUF file or Hugging Face directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--bits", type=comma_list(_bits), default=BITS, help="bits list (default 2,3,4,8)")
-    p.add_argument("--group", type=comma_list(_group), default=(32, 128), help="group sizes or 'row' (default 32,128)")
+    add_format(p, BITS, (32, 128), lists=True)
     p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
-    p.add_argument("--activations", type=comma_list(_activations), default=("auto",),
-                   help=f"decode activations: {activations_help()} (default auto)")
+    add_activations(p, ("auto",), lists=True)
     p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")

@@ -1,0 +1,67 @@
+"""The command line's format arguments, declared once: --bits, --group, --sym and --activations for generate, run,
+perplexity, quantize and both benches (which take comma-separated lists), with one parser per value."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from qigen.spec import BITS, GROUPS, activations, activations_help
+
+
+def comma_list(kind: Callable[[str], object]) -> Callable[[str], tuple]:
+    """A parser of comma-separated values, each parsed by `kind`."""
+    def split(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(f"'{text}': {e}") from None
+    split.__name__ = f"comma-separated {kind.__name__.strip('_')}"
+    return split
+
+
+def bits(text: str) -> int:
+    if not text.isdigit() or int(text) not in BITS:
+        raise argparse.ArgumentTypeError(f"{text} bits is not one of {', '.join(map(str, BITS))}")
+    return int(text)
+
+
+def group(text: str) -> int | None:
+    """A group size, or 'row' (one group per row): None."""
+    if text == "row":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"group '{text}' is not a number or 'row'")
+    if int(text) not in GROUPS:
+        raise argparse.ArgumentTypeError(f"group {text} is not one of {', '.join(str(g) for g in GROUPS if g)}, row")
+    return int(text)
+
+
+def activation(text: str) -> str:
+    if text not in activations():
+        raise argparse.ArgumentTypeError(f"activations {text} are not one of {', '.join(activations())}")
+    return text
+
+
+def _shown(value, lists: bool) -> str:
+    one = lambda v: "row" if v is None else str(v)
+    return ",".join(map(one, value)) if lists else one(value)
+
+
+def add_format(p: argparse.ArgumentParser, bits_default, group_default, *, lists: bool = False, sym: bool = False,
+               what: str = "", defaults: tuple[str, str] | None = None) -> None:
+    """--bits and --group (and --sym) on parser p; lists: comma-separated values; defaults: how the help names the
+    defaults, when not as values."""
+    many = comma_list if lists else (lambda kind: kind)
+    shown = defaults or (_shown(bits_default, lists), _shown(group_default, lists))
+    p.add_argument("--bits", type=many(bits), default=bits_default,
+                   help=f"bits per weight{what}: {', '.join(map(str, BITS))} (default {shown[0]})")
+    p.add_argument("--group", type=many(group), default=group_default,
+                   help=f"group size{what}: {', '.join(str(g) for g in GROUPS if g)} or 'row' (default {shown[1]})")
+    if sym:
+        p.add_argument("--sym", action="store_true", help="symmetric quantization (no offsets)")
+
+
+def add_activations(p: argparse.ArgumentParser, default, *, lists: bool = False, shown: str | None = None) -> None:
+    """--activations on parser p: a family's activation type or auto; lists: comma-separated."""
+    p.add_argument("--activations", type=comma_list(activation) if lists else activation, default=default,
+                   help=f"decode activations: {activations_help()} (default {shown or _shown(default, lists)})")
