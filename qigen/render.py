@@ -12,6 +12,7 @@ from qigen.arch import ROLE_NAMES, ROLES
 from qigen.family import LINE, PREFETCH, KernelParams
 from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, check
 
+
 @dataclass(frozen=True)
 class Segment:
     """Consecutive layers first..end - 1 whose products run the same kernels: one loop of the step."""
@@ -157,8 +158,8 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
     glu = {g.linears["gate_up"].name for sp in sps for g in sp.segments if g.glu}
     ps = [replace(p, glu=True) if p.name in glu else p for p in ps]
     isa = isas.pop()
-    text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa,
-                                                                         header=ISAS[isa].header, target=target)
+    text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target,
+                                                              header=ISAS[isa].header)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
         (prototypes[step.name], prototypes[step.name + "_greedy"],
