@@ -99,7 +99,7 @@ def _compile(pairs: list[tuple[KernelSpec, Schedule]], host: Host, steps: tuple[
     pairs = list({kernel_name(s, sch): (s, sch) for s, sch in pairs}.values())
     source = render(pairs, host.name, steps)
     built = compile(source.text, host)
-    return (load_library(built.path, source.cdef, pairs, built.requires, steps) if load else {}), source, built
+    return (load_library(built.path, source.cdef, pairs, steps) if load else {}), source, built
 
 
 def build(specs: Iterable[KernelSpec], host: Host, threads: int | None = None, steps: tuple[StepSpec, ...] = (),
@@ -150,7 +150,7 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
         progress(f"{spec.name}: error {errors[spec]:.4f}, {len(cands)} schedules, best predicted "
                  f"{cands[0].schedule.tag()} {cands[0].prediction.seconds * 1e3:.3f} ms")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "kernels.c", lib.source.text.encode())
+    atomic_write(out / "kernels.c", lib.built.text.encode())  # what was compiled: a rebuild needs the same
     atomic_write(out / "kernels.so", lib.built.path.read_bytes())  # a process may have the old one open
     kernels = []
     for spec, schedule in lib.schedules.items():
@@ -162,7 +162,7 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
     manifest = {
         "target": host.to_dict(), "isa": isa, "threads": threads,
         "measured_bandwidth": {str(t): v for t, v in host.bandwidth} or None,
-        "library": {"file": "kernels.so", "source": "kernels.c", "source_sha256": lib.source.hash,
+        "library": {"file": "kernels.so", "source": "kernels.c", "source_sha256": hashlib.sha256(lib.built.text.encode()).hexdigest(),
                     "sha256": hashlib.sha256((out / "kernels.so").read_bytes()).hexdigest(),
                     "compiler": built.compiler.version, "cc": built.compiler.path, "flags": list(built.flags),
                     "requires": sorted(built.requires)},
@@ -206,4 +206,4 @@ def load(path: str | Path) -> KernelSet:
             raise LoadError(f"{path / lib['source']} does not match its manifest: regenerate the kernel set")
         so = build_source(source, tuple(lib["flags"])).path  # the library was damaged: rebuild it from its source
     cdef = "\n".join(s.traits.prototype(s, sch, kernel_name(s, sch)) for s, sch in pairs)
-    return KernelSet(load_library(so, cdef, pairs, frozenset(lib["requires"])), manifest)
+    return KernelSet(load_library(so, cdef, pairs), manifest)  # its needs read from the library, not the manifest

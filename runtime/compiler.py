@@ -4,6 +4,10 @@ Same source + flags + compiler → same library, stored as <cache>/kernels/<key>
 <key>.json holding its checksum. Both are written to temporary names and renamed into place, so
 concurrent builds of the same kernel both succeed and a reader never sees half a file; an entry
 whose checksum does not match is rebuilt.  QIGEN_DEBUG=1 prints every source that is compiled.
+
+A library built for a target carries the CPU features it may execute in an ELF section of its own
+(REQUIRES_SECTION), so the loader refuses it on a CPU without them from the file itself, whatever a
+manifest beside it says.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -42,6 +47,10 @@ class Built:
     flags: tuple[str, ...]
     compiler: Compiler
     requires: frozenset[str] = frozenset()  # CPU features the library may execute
+    text: str = ""  # the source compiled (with compile(): its requirements section appended)
+
+
+REQUIRES_SECTION = ".qigen_requires"
 
 
 def compiler() -> Compiler:
@@ -122,6 +131,7 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
     directory = _writable_dir(cache_dir() / "kernels")
     so, meta = directory / f"{key}.so", directory / f"{key}.json"
     built = Built(so, key, flags, cc)
+    built = replace(built, text=source)
     if _cached(so, meta):
         return built
     if os.environ.get("QIGEN_DEBUG"):
@@ -144,9 +154,38 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
 
 
 def compile(source: str, target: Host, emulate: bool = False) -> Built:
-    """Build for a perfmodel Host; the library requires the target's features (the host's when emulated)."""
-    built = build(source, flags(target, emulate))
-    return replace(built, requires=detect().features if emulate else target.features)
+    """Build for a perfmodel Host; the library requires the target's features (the host's when emulated), and
+    says so in its REQUIRES_SECTION."""
+    requires = detect().features if emulate else target.features
+    note = (f'\nstatic const char qigen_requires[] __attribute__((used, section("{REQUIRES_SECTION}"))) = '
+            f'"{" ".join(sorted(requires))}";\n')
+    return replace(build(source + note, flags(target, emulate)), requires=requires)
+
+
+def embedded_requires(path: Path) -> frozenset[str] | None:
+    """The features a library's REQUIRES_SECTION lists, read from the ELF file without loading it; None when the
+    file is no 64-bit little-endian ELF or has no such section. Every offset is checked against the file."""
+    data = Path(path).read_bytes()
+    if len(data) < 64 or data[:6] != b"\x7fELF\x02\x01":
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
+        return None
+
+    def section(i: int) -> tuple[int, int, int]:  # name offset, file offset, size
+        name, _, _, _, offset, size = struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize)
+        return name, offset, size
+
+    _, names, names_size = section(shstrndx)
+    for i in range(shnum):
+        name, offset, size = section(i)
+        end = data.find(b"\0", names + name, names + names_size)
+        if name < names_size and end >= 0 and data[names + name:end] == REQUIRES_SECTION.encode():
+            if offset + size > len(data):
+                return None
+            return frozenset(data[offset:offset + size].rstrip(b"\0").decode("ascii", "replace").split())
+    return None
 
 
 def flags(target: Host, emulate: bool = False) -> tuple[str, ...]:

@@ -15,6 +15,7 @@ from qigen.family import Array
 from qigen.layout import PackedWeights, layout, pack
 from qigen.quant import QuantizedWeights, quantize
 from qigen.spec import KernelSpec, Schedule, StepSpec, kernel_name
+from runtime.compiler import embedded_requires
 
 
 class LoadError(RuntimeError):
@@ -229,9 +230,16 @@ class BoundStep:
         return tokens[:done]
 
 
-def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]], requires: frozenset[str],
+def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]],
          steps: tuple[StepSpec, ...] = ()) -> dict[str, Kernel | Step]:
-    """Open the library at `path`, refusing before any code runs if this CPU lacks a required feature."""
+    """Open the library at `path`, refusing before any code runs if this CPU lacks a feature the library says (in
+    its own file) that it may execute."""
+    try:
+        requires = embedded_requires(path)
+    except OSError as e:
+        raise LoadError(f"cannot open {path}: {e.strerror}") from e
+    if requires is None:
+        raise LoadError(f"{path} is not a library qigen compiled (it names no CPU features it needs): regenerate it")
     missing = requires - detect().features
     if missing:
         raise LoadError(f"{path} was built for a CPU with {', '.join(sorted(missing))}, which this CPU "

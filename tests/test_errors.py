@@ -214,12 +214,12 @@ def pristine_cache(tmp_path_factory) -> Path:
     cache = tmp_path_factory.mktemp("pristine-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QIGEN_CACHE_DIR", str(cache))
-        build(render(SMALL_PAIRS, HOST.name).text, flags(HOST))
+        compile(render(SMALL_PAIRS, HOST.name).text, HOST)
     return cache
 
 
 def _check_library(path: Path, source) -> None:
-    kernel = load(path, source.cdef, SMALL_PAIRS, HOST.features)[kernel_name(*SMALL_PAIRS[0])]
+    kernel = load(path, source.cdef, SMALL_PAIRS)[kernel_name(*SMALL_PAIRS[0])]
     w, x = _data(SMALL.rows, SMALL.cols)
     q = quantize(w, SMALL)
     _close(kernel(x, kernel.pack(q), threads=1), reference(x, q, SMALL))
@@ -230,7 +230,7 @@ def test_damaged_cache_entry_is_rebuilt(monkeypatch, tmp_path, pristine_cache, d
     shutil.copytree(pristine_cache, tmp_path / "cache")
     monkeypatch.setenv("QIGEN_CACHE_DIR", str(tmp_path / "cache"))
     source = render(SMALL_PAIRS, HOST.name)
-    first = build(source.text, flags(HOST))  # found in the cache
+    first = compile(source.text, HOST)  # found in the cache
     assert first.path.parent == tmp_path / "cache" / "kernels"
     assert first.path.read_bytes().startswith(b"\x7fELF")
     meta = first.path.with_suffix(".json")
@@ -242,7 +242,7 @@ def test_damaged_cache_entry_is_rebuilt(monkeypatch, tmp_path, pristine_cache, d
         first.path.unlink()
     else:
         meta.write_text('{"sha256": "0000"}')
-    again = build(source.text, flags(HOST))
+    again = compile(source.text, HOST)
     assert again.path == first.path and again.key == first.key
     assert again.path.read_bytes().startswith(b"\x7fELF")
     assert json.loads(meta.read_text())["sha256"] == hashlib.sha256(again.path.read_bytes()).hexdigest()
@@ -252,8 +252,8 @@ def test_damaged_cache_entry_is_rebuilt(monkeypatch, tmp_path, pristine_cache, d
 def test_garbage_library_is_a_load_error(tmp_path):
     so = tmp_path / "kernels.so"
     so.write_bytes(b"garbage")
-    with pytest.raises(LoadError, match=re.escape(f"cannot open {so}")):
-        load(so, "int f(void);", [], frozenset())
+    with pytest.raises(LoadError, match=re.escape(f"{so} is not a library qigen compiled")):
+        load(so, "int f(void);", [])
 
 
 # --- kernel sets on disk ---
@@ -376,12 +376,25 @@ def test_dropping_a_multithreaded_kernel_set(tmp_path, kernel_set):
 
 # --- CPU features ---
 
-@pytest.mark.skipif(HAS_AVX512, reason="this CPU has AVX-512, so nothing is missing")
-def test_missing_isa_refused_before_dlopen(tmp_path):
-    absent = tmp_path / "absent.so"  # dlopen would fail: the refusal must come first
-    with pytest.raises(LoadError, match="built for a CPU with avx512f, which this CPU .* lacks") as e:
-        load(absent, "", [], frozenset({"avx512f"}))
-    assert "cannot open" not in str(e.value)
+def test_library_says_what_it_needs_and_the_loader_believes_only_that(tmp_path):
+    """The features come from the library's own section, checked before dlopen: a runnable library that claims
+    avx512f is refused on a CPU without it; a file with no such section is no qigen library."""
+    claims = "avx2 avx512f" if not HAS_AVX512 else "avx2 avx512f avxvnni avx512vnni"
+    forged = build('static const char r[] __attribute__((used, section(".qigen_requires"))) = "' + claims + '";\n'
+                   "int f(void) { return 0; }", flags(HOST))
+    missing = sorted(set(claims.split()) - HOST.features)
+    if missing:
+        with pytest.raises(LoadError, match=f"built for a CPU with {missing[0]}.*, which this CPU .* lacks"):
+            load(forged.path, "int f(void);", [])
+    plain = build("int f(void) { return 0; }", flags(HOST))
+    with pytest.raises(LoadError, match="is not a library qigen compiled"):
+        load(plain.path, "int f(void);", [])
+    with pytest.raises(LoadError, match="cannot open"):
+        load(tmp_path / "absent.so", "", [])
+    garbage = tmp_path / "garbage.so"
+    garbage.write_bytes(b"\x7fELF\x02\x01" + b"\xff" * 200)  # section offsets past the end of the file
+    with pytest.raises(LoadError, match="is not a library qigen compiled"):
+        load(garbage, "", [])
 
 
 @pytest.mark.skipif(HAS_AVX512, reason="this CPU has AVX-512, so the kernel set would load")
@@ -391,6 +404,10 @@ def test_cross_compiled_avx512_set_is_refused(monkeypatch, tmp_path):
     manifest = generate(Request(shapes=((64, 128),), bits=4, group=128, target="skylake-avx512"), out, QUIET)
     assert manifest["isa"] == "avx512" and "-march=skylake-avx512" in manifest["library"]["flags"]
     assert "avx512f" in manifest["library"]["requires"]
+    with pytest.raises(LoadError, match="avx512f.*regenerate with --target native"):
+        qigen.load(out)
+    manifest["library"]["requires"] = ["avx2", "f16c", "fma"]  # an edited manifest does not make it loadable
+    (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(LoadError, match="avx512f.*regenerate with --target native"):
         qigen.load(out)
 
@@ -417,7 +434,7 @@ def built(tmp_path_factory):
         mp.setenv("QIGEN_CACHE_DIR", str(cache))
         source = render(PAIRS, HOST.name)
         library = compile(source.text, HOST)
-        kernels = load(library.path, source.cdef, PAIRS, library.requires)
+        kernels = load(library.path, source.cdef, PAIRS)
     return {pair: kernels[kernel_name(*pair)] for pair in PAIRS}, library.path, source.cdef
 
 
@@ -507,7 +524,7 @@ from qigen.spec import KernelSpec, Schedule
 from runtime.loader import load
 from qigen.spec import kernel_name
 pairs = {pairs!r}
-kernels = load(sys.argv[1], sys.argv[2], pairs, frozenset())
+kernels = load(sys.argv[1], sys.argv[2], pairs)
 asym, sym = (kernels[kernel_name(*p)] for p in (pairs[0], pairs[2]))
 w = np.random.default_rng(0).standard_normal((37, 100)).astype(np.float32)
 try:

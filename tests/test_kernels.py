@@ -87,7 +87,7 @@ def libraries(kernel_cache):
         source = render(pairs, "native")
         emulate = not native(isa)
         built = compile(source.text, detect(), emulate=emulate)
-        return isa, load(built.path, source.cdef, pairs, built.requires)
+        return isa, load(built.path, source.cdef, pairs)
 
     with ThreadPoolExecutor(2) as pool:
         return dict(pool.map(one, [isa for isa in ISAS if runnable(isa)]))

@@ -51,7 +51,7 @@ def build(step: StepSpec, schedule: Schedule | None = None):
     source = render(pairs, "native", (step,))
     emulate = not native(step.isa)
     built = compile(source.text, detect(), emulate=emulate)
-    return load(built.path, source.cdef, pairs, built.requires, (step,))[step.name]
+    return load(built.path, source.cdef, pairs, (step,))[step.name]
 
 
 def random_model(step: StepSpec, seed: int = 0):
