@@ -19,11 +19,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
+import math
+
 import numpy as np
 
 
 class CheckpointError(ValueError):
     """A model that cannot be loaded; the message names the file and what is wrong with it."""
+
+
+# The largest sizes a config may state: past these a number is a corrupt file, not a model (LLaMA-3-405B has a
+# vocabulary of 128256, hidden 16384, feed-forward 53248, 126 layers, 128 heads; contexts reach 10^6 tokens)
+LIMITS = {"vocab_size": 1 << 22, "hidden": 1 << 17, "intermediate": 1 << 19, "layers": 1 << 12, "heads": 1 << 12,
+          "kv_heads": 1 << 12, "head_dim": 1 << 12, "context": 1 << 24}
 
 
 @dataclass(frozen=True)
@@ -41,15 +49,24 @@ class LlamaConfig:
     tied_embeddings: bool
 
     def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "context")
-        if bad := [n for n in sizes if not isinstance(getattr(self, n), int) or getattr(self, n) < 1]:
+        if bad := [n for n in LIMITS if not isinstance(getattr(self, n), int) or isinstance(getattr(self, n), bool)
+                   or getattr(self, n) < 1]:
             raise CheckpointError(f"config: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} must be positive integers")
+        if bad := [n for n, top in LIMITS.items() if getattr(self, n) > top]:
+            raise CheckpointError(f"config: {', '.join(f'{n}={getattr(self, n)} is above {LIMITS[n]}' for n in bad)}, "
+                                  "more than any LLaMA-style model has: the file is corrupt")
         if self.heads % self.kv_heads:
             raise CheckpointError(f"config: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
         if self.head_dim % 2:
             raise CheckpointError(f"config: head_dim={self.head_dim} is odd, RoPE rotates pairs")
-        if not (self.rope_theta > 0 and self.rms_eps > 0):
-            raise CheckpointError(f"config: rope_theta={self.rope_theta} and rms_eps={self.rms_eps} must be positive")
+        for name in ("rope_theta", "rms_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, float) or not math.isfinite(value) or value <= 0:
+                raise CheckpointError(f"config: {name}={value!r} must be a finite positive number")
+        if self.rms_eps >= 1:
+            raise CheckpointError(f"config: rms_eps={self.rms_eps} must be below 1 (it is added to a mean square)")
+        if not isinstance(self.tied_embeddings, bool):
+            raise CheckpointError(f"config: tied_embeddings={self.tied_embeddings!r} must be true or false")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -122,6 +139,11 @@ ROLE_NAMES = tuple(r.name for r in ROLES)
 
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
+
+
+def tensor_count(c: LlamaConfig) -> int:
+    """How many tensors a LLaMA model with config `c` has, without listing them."""
+    return 2 + c.layers * (len(NORMS) + sum(len(r.parts) for r in ROLES)) + (not c.tied_embeddings)
 
 
 def expected_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:

@@ -22,13 +22,13 @@ from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
 from qigen.layout import pack_codes, stored_layout, unpack_codes
 from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, dequantize
-from qigen.spec import KernelSpec, QuantSpec, StepSpec
+from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec
 from runtime import bandwidth
 from runtime.checkpoint import Checkpoint, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
 from runtime.model import Kernels, Layer, Model, Weights, quantize_weights, split_linears, take_rows
-from runtime.tokenizer import Tokenizer
+from runtime.tokenizer import Tokenizer, TokenizerError
 
 FORMAT, VERSION = "qigen-model", 1
 DEFAULT_QUANT = QuantSpec()
@@ -45,11 +45,26 @@ def _stored(name: str, q: QuantizedWeights, spec: KernelSpec) -> dict[str, np.nd
     return {f"{name}.words": words} | {f"{name}.{k}": a for k, a in arrays.items()}
 
 
+def _tensor(t: dict[str, np.ndarray], name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A file's tensor, refused unless it has exactly the dtype and shape the spec says."""
+    if name not in t:
+        raise CheckpointError(f"tensor '{name}' is missing")
+    a = t[name]
+    if a.dtype != dtype or a.shape != shape:
+        raise CheckpointError(f"tensor '{name}' is {a.dtype} {a.shape}, the spec needs {np.dtype(dtype)} {shape}")
+    return a
+
+
 def _restored(t: dict[str, np.ndarray], name: str, spec: KernelSpec) -> QuantizedWeights:
-    """Inverse of _stored."""
+    """Inverse of _stored, each tensor checked against the spec."""
     lay = stored_layout(spec.bits, spec.rows, spec.cols)
-    words = t[f"{name}.words"].reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows)
-    return QuantizedWeights(unpack_codes(words, lay), t[f"{name}.scales"], t.get(f"{name}.offsets"))
+    words = _tensor(t, f"{name}.words", np.uint32, (lay.packed_words,))
+    groups = (spec.rows, spec.groups)
+    offsets = None if spec.symmetric else _tensor(t, f"{name}.offsets", spec.scales.numpy, groups)
+    if spec.symmetric and f"{name}.offsets" in t:
+        raise CheckpointError(f"tensor '{name}.offsets' is in a file of symmetric format, which has none")
+    return QuantizedWeights(unpack_codes(words.reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows), lay),
+                            _tensor(t, f"{name}.scales", spec.scales.numpy, groups), offsets)
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
@@ -85,26 +100,38 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
             if meta.get("version") != VERSION:
                 raise CheckpointError(f"{path} is qigen model format version {meta.get('version')}; "
                                       f"this qigen reads version {VERSION}: re-quantize it")
-            config, q = LlamaConfig.from_dict(meta["config"]), QuantSpec(**meta["quant"])
             t = {k: f.get_tensor(k) for k in f.keys()}
     except CheckpointError:
         raise
     except Exception as e:  # safetensors raises its own types for truncated or corrupt files
         raise CheckpointError(f"{path} is not a readable qigen model file: {e}") from e
+    try:
+        if not all(isinstance(meta.get(k), dict) for k in ("config", "quant")):
+            raise CheckpointError("its metadata lacks the config or the quantization spec")
+        config, q = LlamaConfig.from_dict(meta["config"]), QuantSpec(**meta["quant"])
+        if not isinstance(meta.get("tokenizer"), str):
+            raise CheckpointError("its metadata holds no tokenizer")
+        tokenizer = Tokenizer.from_json(meta["tokenizer"])
+    except (CheckpointError, SpecError, TokenizerError, TypeError) as e:  # TypeError: a field QuantSpec lacks
+        raise CheckpointError(f"{path}: {e}") from e
 
     def product(i: int, role) -> QuantizedWeights:
         m = _restored(t, f"layers.{i}.{role.name}", q.kernel_spec(*role.shape(config)))
         return take_rows(m, role.order(config)) if role.interleave > 1 else m
 
+    norm = lambda name: _tensor(t, name, np.float32, (config.hidden,))
     try:
-        layers = [Layer(attn_norm=t[f"layers.{i}.attn_norm"], ffn_norm=t[f"layers.{i}.ffn_norm"],
+        layers = [Layer(attn_norm=norm(f"layers.{i}.attn_norm"), ffn_norm=norm(f"layers.{i}.ffn_norm"),
                         **{r.name: product(i, r) for r in ROLES}) for i in range(config.layers)]
         head_spec = q.kernel_spec(*HEAD.shape(config), head=True)
         head = _restored(t, "head", head_spec)
-        embed = dequantize(head, head_spec) if config.tied_embeddings else t["embed"].astype(np.float32)
-    except (KeyError, ValueError) as e:
+        embed = dequantize(head, head_spec) if config.tied_embeddings else \
+            _tensor(t, "embed", np.float16, HEAD.shape(config)).astype(np.float32)
+        weights = Weights(config, embed, layers, norm("norm"), head, q)
+    except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete or was made for another spec: {e}") from e
-    return Weights(config, embed, layers, t["norm"], head, q), Tokenizer.from_json(meta["tokenizer"]), meta
+    return weights, tokenizer, meta
+
 
 
 def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True) -> Model:

@@ -212,6 +212,18 @@ def prefill_spec(spec: KernelSpec, batch: int) -> KernelSpec:
     return replace(spec, batch=batch, family=spec.traits.prefill)
 
 
+METHODS = ("rtn", "gptq")
+
+
+def _exactly(value, kind: type) -> bool:
+    """isinstance, where a bool is no int."""
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def kind_name(kind: type) -> str:
+    return {int: "an integer", bool: "true or false", str: "text"}[kind]
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How a model's linear layers are stored; the tied embedding / output head keep head_bits."""
@@ -226,9 +238,19 @@ class QuantSpec:
     # the first family, best first, whose rules the format meets; the head likewise
 
     def __post_init__(self) -> None:
+        kinds = {"bits": int, "head_bits": int, "symmetric": bool, "scale_dtype": str, "method": str,
+                 "activations": str}
+        if bad := next((n for n, kind in kinds.items() if not _exactly(getattr(self, n), kind)), None):
+            raise SpecError(f"quant: {bad}={getattr(self, bad)!r} is not {kind_name(kinds[bad])}")
+        if bad := next((n for n in ("group", "head_group") if not (getattr(self, n) is None
+                                                                   or _exactly(getattr(self, n), int))), None):
+            raise SpecError(f"quant: {bad}={getattr(self, bad)!r} is not a group size or none (one group per row)")
+        if self.method not in METHODS:
+            raise SpecError(f"quant: method '{self.method}' is unknown: choose {', '.join(METHODS)}")
         if self.activations not in activations():
             raise SpecError(f"activations '{self.activations}' are unknown: choose {', '.join(activations())}")
         self.kernel_spec(1, 1)  # names the rule the format breaks, e.g. for int8 activations
+        self.kernel_spec(1, 1, head=True)
 
     @property
     def decode_activations(self) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qigen.arch import CheckpointError, LlamaConfig, expected_shapes
+from qigen.arch import CheckpointError, LlamaConfig, expected_shapes, tensor_count
 from runtime.compiler import atomic_write, cache_dir
 from runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -230,12 +230,21 @@ class _GGUFFields:
 
 
 def _is(value, kind: type) -> bool:
+    """A GGUF value of the expected type; a float field must hold a float (an integer's bits read as one are
+    nonsense: an rms epsilon stored as int32 would load as 925353400.0)."""
     if isinstance(value, bool):
         return kind is bool
-    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+    return isinstance(value, kind)
 
 
 # ---- Hugging Face directory ------------------------------------------------------------------
+
+def _number(value, key: str) -> float:
+    """A config.json number as a float (JSON may spell 10000.0 as 10000); true, "1e-5" and the like are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(f"{key}={value!r} is not a number")
+    return float(value)
+
 
 _IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # buffers old checkpoints saved
 
@@ -255,7 +264,8 @@ def _load_hf(path: Path) -> Checkpoint:
                          intermediate=cfg["intermediate_size"], layers=cfg["num_hidden_layers"], heads=heads,
                          kv_heads=cfg.get("num_key_value_heads") or heads,
                          head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                         rope_theta=float(cfg.get("rope_theta", 10000.0)), rms_eps=float(cfg["rms_norm_eps"]),
+                         rope_theta=_number(cfg.get("rope_theta", 10000.0), "rope_theta"),
+                         rms_eps=_number(cfg["rms_norm_eps"], "rms_norm_eps"),
                          context=cfg["max_position_embeddings"], tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path / 'config.json'} lacks or misstates {e}") from e
@@ -356,6 +366,9 @@ def _config(path: Path, **values) -> LlamaConfig:
 
 
 def _check(tensors: dict[str, np.ndarray], config: LlamaConfig, path: Path) -> None:
+    if tensor_count(config) > 2 * len(tensors) + 16:  # before listing what a config promises (maybe billions)
+        raise CheckpointError(f"{path}: a LLaMA model with {config.layers} layers has {tensor_count(config)} "
+                              f"tensors, the file holds {len(tensors)}: its layer count is wrong")
     expected = expected_shapes(config)
     if missing := [n for n in expected if n not in tensors]:
         raise CheckpointError(f"{path}: missing tensor '{missing[0]}'"

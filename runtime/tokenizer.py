@@ -46,10 +46,18 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     raise TokenizerError(f"pre-tokenizer '{pre}' is not supported: choose one of {', '.join(_GPT2 + _DIGITS + _LLAMA3)}")
 
 
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
+    """A token id or a list of them (None: none), each an integer: anything else is a TokenizerError."""
     if value is None:
         return ()
-    return (int(value),) if isinstance(value, int) else tuple(int(v) for v in value)
+    ids = (value,) if _is_id(value) else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if bad := next((v for v in ids if not _is_id(v)), None):
+        raise TokenizerError(f"token id {bad!r} is not an integer")
+    return ids
 
 
 def _content(token: str | dict | None) -> str | None:
@@ -64,6 +72,12 @@ class Tokenizer:
                  chat_template: str | None, add_bos: bool):
         self._tk = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if not (bos_id is None or _is_id(bos_id)):
+            raise TokenizerError(f"BOS id {bos_id!r} is not an integer")
+        if not isinstance(add_bos, bool):
+            raise TokenizerError(f"add_bos {add_bos!r} is not true or false")
+        if not (chat_template is None or isinstance(chat_template, str)):
+            raise TokenizerError(f"the chat template is {type(chat_template).__name__}, not text")
         for name, i in (("BOS", bos_id), *(("EOS", e) for e in eos_ids)):
             if i is not None and not 0 <= i < self.vocab_size:
                 raise TokenizerError(f"{name} id {i} is outside the vocabulary of {self.vocab_size} tokens")

@@ -1,7 +1,9 @@
 """Loading LLaMA checkpoints: the SmolLM2 GGUF, tiny synthetic GGUF and Hugging Face models, and every way they break."""
 import json
 import os
+import re
 import subprocess
+import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -475,3 +477,43 @@ def test_default_model_download_fails(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="has sha256 .*, expected b179c952"):
         default_model(lambda s: None)
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def _patched(path: Path, key: str, type_id: int | None = None, value: bytes | None = None) -> Path:
+    """The GGUF at path with one metadata value's type and/or 4-byte value overwritten in place."""
+    data = bytearray(path.read_bytes())
+    at = data.index(key.encode()) + len(key)  # then the value's type (uint32), then the value
+    if type_id is not None:
+        data[at:at + 4] = type_id.to_bytes(4, "little")
+    if value is not None:
+        data[at + 4:at + 8] = value
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("key, type_id, value, error", [
+    ("llama.block_count", None, (3567587328).to_bytes(4, "little"), "layers=3567587328 is above 4096"),
+    ("llama.block_count", None, (4000).to_bytes(4, "little"), "4000 layers has 36002 tensors, the file holds 20"),
+    ("llama.context_length", None, (2 ** 32 - 1).to_bytes(4, "little"), "context=4294967295 is above"),
+    ("llama.attention.layer_norm_rms_epsilon", 4, None, "layer_norm_rms_epsilon' is 897988541, expected float"),
+])
+def test_gguf_header_nonsense_is_refused_in_bounded_time(tmp_path, key, type_id, value, error):
+    """A 4-byte edit of a count must not make loading loop over it, nor an integer pass for a float."""
+    path = _patched(_write_gguf(tmp_path / "m.gguf", TINY, _random(TINY)), key, type_id, value)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=re.escape(error)):
+        load(path)
+    assert time.perf_counter() - t0 < 5
+
+
+@pytest.mark.parametrize("config, error", [
+    ({"num_hidden_layers": 2 ** 31}, "layers=2147483648 is above 4096"),
+    ({"rms_norm_eps": True}, "rms_norm_eps=True is not a number"),
+    ({"rope_theta": float("inf")}, "rope_theta=inf must be a finite positive number"),
+    ({"rms_norm_eps": 2.0}, "rms_eps=2.0 must be below 1"),
+    ({"max_position_embeddings": 2 ** 32 - 1}, "context=4294967295 is above"),
+])
+def test_hf_config_nonsense_is_refused(tmp_path, tiny_tokenizer, config, error):
+    path = _write_hf(tmp_path / "hf", TINY, _random(TINY), tiny_tokenizer, **config)
+    with pytest.raises(CheckpointError, match=re.escape(error)):
+        load(path)

@@ -1,5 +1,8 @@
 """The model runtime on the real default model, SmolLM2-135M-Instruct (fetched once into the cache)."""
+import json
 import os
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +97,6 @@ def test_8bit_per_row_greedy_tokens_match_fp32(fp32, q8, prompt):
 def test_decode_step_matches_python_loop(q8):
     """The generated decode step (the whole model in C) and the Python loop over kernels agree on the real model.
     With fp32 activations: int8 ones would turn last-bit differences into a step of the head's activations."""
-    from dataclasses import replace
 
     w = replace(q8.w, quant=replace(q8.w.quant, activations="fp32"))
     step, loop = build_model(w, q8.tokenizer, threads=2), build_model(w, q8.tokenizer, threads=2, fused=False)
@@ -112,7 +114,6 @@ def test_decode_step_matches_python_loop(q8):
 def test_int8_activations_keep_decode_perplexity(ckpt):
     """4-bit g64 decodes with int8 activations by default ("auto"); through the decode path, perplexity stays
     within 3% of fp32 activations on the same weights."""
-    from dataclasses import replace
 
     w = quantize_weights(split_linears(ckpt), QuantSpec(4, 64))
     int8, fp32 = build_model(w, ckpt.tokenizer, 2), build_model(replace(w, quant=replace(w.quant, activations="fp32")), ckpt.tokenizer, 2)
@@ -183,3 +184,48 @@ def test_perplexity_on_the_shipped_text(q8, fp32):
     ppl32, _ = fp32.perplexity(text, ctx=256)
     assert scored > 0 and 1 < ppl32 < 100
     assert abs(ppl8 - ppl32) / ppl32 < 0.02
+
+
+def _edited(path: Path, out: Path, meta=None, tensors=None) -> Path:
+    """A copy of the .qigen file at path with its metadata and tensors passed through the given edits."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(path), "numpy") as f:
+        m, t = json.loads(f.metadata()["qigen"]), {k: f.get_tensor(k) for k in f.keys()}
+    (meta or (lambda m: None))(m)
+    (tensors or (lambda t: None))(t)
+    save_file(t, str(out), metadata={"qigen": json.dumps(m)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def q8_file(ckpt, tmp_path_factory) -> Path:
+    """A one-layer cut of the real model in 8 bits, as a .qigen file."""
+    w = quantize_weights(split_linears(ckpt), QuantSpec(bits=8, group=32))
+    w = replace(w, config=replace(w.config, layers=1), layers=w.layers[:1])
+    path = tmp_path_factory.mktemp("q8") / "one-layer.qigen"
+    save(path, w, ckpt.tokenizer, ckpt.sha256)
+    return path
+
+
+@pytest.mark.parametrize("meta, tensors, error", [
+    (lambda m: m.pop("tokenizer"), None, "holds no tokenizer"),
+    (lambda m: m["quant"].update(head_group={}), None, "head_group={} is not a group size"),
+    (lambda m: m["quant"].update(symmetric="llama"), None, "symmetric='llama' is not true or false"),
+    (lambda m: m["quant"].update(method=3), None, "method=3 is not text"),
+    (lambda m: m["quant"].update(colour="red"), None, "unexpected keyword argument 'colour'"),
+    (lambda m: m["config"].update(rms_eps=925353400), None, "rms_eps=925353400 must be a finite positive number"),
+    (lambda m: m.update(quant=[]), None, "lacks the config or the quantization spec"),
+    (lambda m: m.update(tokenizer=m["tokenizer"].replace('"add_bos": false', '"add_bos": -1000000000000')), None,
+     "add_bos -1000000000000 is not true or false"),
+    (lambda m: m.update(tokenizer=m["tokenizer"].replace('"eos_ids": [', '"eos_ids": [NaN, ')), None,
+     "token id nan is not an integer"),
+    (None, lambda t: t.update({"layers.0.o.words": t["layers.0.o.words"].astype(np.int32)}),
+     "'layers.0.o.words' is int32"),
+    (None, lambda t: t.update({"layers.0.attn_norm": t["layers.0.attn_norm"][:-1]}), "'layers.0.attn_norm' is float32 (575,)"),
+    (None, lambda t: t.pop("head.scales"), "'head.scales' is missing"),
+])
+def test_qigen_file_nonsense_is_refused(q8_file, tmp_path, meta, tensors, error):
+    with pytest.raises(CheckpointError, match=re.escape(error)):
+        load_file(_edited(q8_file, tmp_path / "bad.qigen", meta, tensors))
