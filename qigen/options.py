@@ -1,5 +1,5 @@
-"""The command line's format arguments, declared once: --bits, --group, --sym and --activations for generate, run,
-perplexity, quantize and both benches (which take comma-separated lists), with one parser per value."""
+"""The command line's shared arguments, declared once: --bits, --group, --sym and --activations for generate, run,
+perplexity, quantize and both benches (which take comma-separated lists), and one parser per kind of value."""
 from __future__ import annotations
 
 import argparse
@@ -8,20 +8,40 @@ from collections.abc import Callable
 from qigen.spec import BITS, GROUPS, activations, activations_help
 
 
+class Invalid(argparse.ArgumentTypeError, ValueError):
+    """A value the command line refuses: argparse prints its message; as a ValueError, callers may catch it."""
+
+
 def comma_list(kind: Callable[[str], object]) -> Callable[[str], tuple]:
     """A parser of comma-separated values, each parsed by `kind`."""
     def split(text: str) -> tuple:
         try:
             return tuple(kind(v) for v in text.split(","))
-        except (ValueError, argparse.ArgumentTypeError) as e:
-            raise argparse.ArgumentTypeError(f"'{text}': {e}") from None
+        except ValueError as e:
+            raise Invalid(f"'{text}': {e}") from None
     split.__name__ = f"comma-separated {kind.__name__.strip('_')}"
     return split
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise Invalid(f"{text} is not a positive integer")
+    return int(text)
+
+
+def threads(text: str) -> int:
+    """A thread count for this machine: from 1 to the cores this process may use (runtime.model's rule)."""
+    from runtime.model import check_threads
+
+    try:
+        return check_threads(positive(text))
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+
+
 def bits(text: str) -> int:
     if not text.isdigit() or int(text) not in BITS:
-        raise argparse.ArgumentTypeError(f"{text} bits is not one of {', '.join(map(str, BITS))}")
+        raise Invalid(f"{text} bits is not one of {', '.join(map(str, BITS))}")
     return int(text)
 
 
@@ -30,15 +50,15 @@ def group(text: str) -> int | None:
     if text == "row":
         return None
     if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"group '{text}' is not a number or 'row'")
+        raise Invalid(f"group '{text}' is not a number or 'row'")
     if int(text) not in GROUPS:
-        raise argparse.ArgumentTypeError(f"group {text} is not one of {', '.join(str(g) for g in GROUPS if g)}, row")
+        raise Invalid(f"group {text} is not one of {', '.join(str(g) for g in GROUPS if g)}, row")
     return int(text)
 
 
 def activation(text: str) -> str:
     if text not in activations():
-        raise argparse.ArgumentTypeError(f"activations {text} are not one of {', '.join(activations())}")
+        raise Invalid(f"activations {text} are not one of {', '.join(activations())}")
     return text
 
 

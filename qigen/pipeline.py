@@ -142,8 +142,10 @@ def generate(request: Request, out: Path, progress: Callable[[str], None] = lamb
         host = bandwidth.measured(host)
     isa = _isa(request, host)
     threads = host.cores if request.threads is None else request.threads
-    if threads < 1:
-        raise SpecError(f"threads={threads}: at least 1")
+    if not 1 <= threads <= host.cores:
+        raise SpecError(f"threads={threads}: from 1 to the {host.cores} cores of target {host.name}")
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"-o {out} is a file: the output is a directory (kernels.c, kernels.so, manifest.json)")
     errors = dict(_spec(request, rows, cols, isa, host) for rows, cols in dict.fromkeys(request.shapes))
     lib = build(errors, host, threads, tune=request.tune, load=False, progress=progress)
     for spec, cands in lib.ranked.items():

@@ -149,6 +149,33 @@ class Stats:
                 "decode_share_in_kernels": self.decode_matmul_s / max(self.decode_s, 1e-9)}
 
 
+def _integer(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def check_threads(threads: int | None) -> int:
+    """The thread count to run with: None is every core this process may use; more than that is refused (a thread
+    waiting for a core stalls the others at every barrier)."""
+    cores = detect().cores
+    if threads is None:
+        return cores
+    if not (_integer(threads) and 1 <= threads <= cores):
+        raise ValueError(f"threads={threads!r}: from 1 to the {cores} cores this process may use")
+    return int(threads)
+
+
+def check_generation(max_tokens: int, temperature: float, top_k: int, top_p: float, context: int | None) -> None:
+    """The rules of generate()'s settings, one ValueError naming the first broken one (the CLI checks the same)."""
+    rules = [(_integer(max_tokens) and max_tokens >= 1, f"max_tokens={max_tokens!r}: at least 1"),
+             (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf"),
+              f"temperature={temperature!r}: a finite number, at least 0 (0: greedy)"),
+             (_integer(top_k) and top_k >= 0, f"top_k={top_k!r}: at least 0 (0: no limit)"),
+             (isinstance(top_p, (int, float)) and 0 < top_p <= 1, f"top_p={top_p!r}: above 0, at most 1"),
+             (context is None or (_integer(context) and context >= 2), f"context={context!r}: at least 2 tokens")]
+    if broken := next((why for ok, why in rules if not ok), None):
+        raise ValueError(broken)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
@@ -160,7 +187,7 @@ class Model:
         decode runs it (every layer and the head in C, one parallel region per token), else the Python loop over
         per-product kernels."""
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
-        self.threads = threads or detect().cores
+        self.threads = check_threads(threads)
         if (weights.quant is None) != (kernels is None):
             raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
         self.step, self.step_seconds = None, 0.0
@@ -276,6 +303,7 @@ class Model:
                  top_p: float = 1.0, seed: int | None = None, context: int | None = None,
                  stats: Stats | None = None) -> Iterator[str]:
         """Text pieces as they are produced; stops at end of sequence, max_tokens or the context length."""
+        check_generation(max_tokens, temperature, top_k, top_p, context)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         context = min(context or self.config.context, self.config.context)
         if not ids:
@@ -330,6 +358,8 @@ class Model:
         half of each window as llama.cpp does (all_tokens: every token after the first). decode: feed the windows
         one token at a time, through the decode path that generation uses (which may quantize activations to
         int8), instead of in prefill chunks. Returns (ppl, scored)."""
+        if not (_integer(ctx) and ctx >= 2):
+            raise ValueError(f"ctx={ctx!r}: a window holds at least 2 tokens")
         ids = self.tokenizer.encode(text)
         if len(ids) < ctx:
             raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")

@@ -642,3 +642,40 @@ def test_info_measure_needs_the_native_target(capsys):
     code, err = _cli(capsys, "info", "--target", "znver3", "--measure")
     assert code == 2 and "--measure probes this machine" in err
 
+
+
+# --- command-line values: one range rule each, a one-line error before any model loads ---
+
+CORES = HOST.cores
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["run", "--prompt", "hi", "--temperature", "-1"], "temperature=-1.0: a finite number, at least 0"),
+    (["run", "--prompt", "hi", "--temperature", "inf"], "temperature=inf"),
+    (["run", "--prompt", "hi", "--ctx", "0"], "context=0: at least 2 tokens"),
+    (["run", "--prompt", "hi", "--top-p", "2"], "top_p=2.0: above 0, at most 1"),
+    (["run", "--prompt", "hi", "--top-p", "0"], "top_p=0.0: above 0"),
+    (["run", "--prompt", "hi", "--top-k", "-3"], "top_k=-3: at least 0"),
+    (["run", "--prompt", "hi", "--max-tokens", "-5"], "max_tokens=-5: at least 1"),
+    (["perplexity", "--text", "x.txt", "--ctx", "0"], "ctx=0: a window holds at least 2 tokens"),
+])
+def test_cli_out_of_range_values(capsys, argv, named):
+    code, err = _cli(capsys, *argv)
+    assert code == 2 and named in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("value, named", [("0", "0 is not a positive integer"),
+                                          (str(CORES + 1), f"threads={CORES + 1}: from 1 to the {CORES} cores")])
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["perplexity", "--text", "x.txt"]])
+def test_cli_threads_out_of_range(capsys, command, value, named):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--threads", value])
+    assert e.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_generate_refuses_a_file_as_output_and_threads_past_the_target(capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    code, err = _cli(capsys, "generate", "--shape", "64x128", "-o", str(tmp_path / "file"))
+    assert code == 2 and "is a file: the output is a directory" in err
+    code, err = _cli(capsys, "generate", "--shape", "64x128", "--threads", "1000", "-o", str(tmp_path / "out"))
+    assert code == 2 and f"threads=1000: from 1 to the {CORES} cores of target" in err

@@ -34,12 +34,6 @@ class BenchError(ValueError):
     """A benchmark that cannot run as asked; the message says what to change."""
 
 
-def positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{text} is not a positive integer")
-    return int(text)
-
-
 def optional(module: str, why: str):
     """The module, or None after saying what is skipped without it."""
     try:

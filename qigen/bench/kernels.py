@@ -21,9 +21,9 @@ import numpy as np
 from perfmodel.cost import bandwidth as read_bandwidth, predict
 from perfmodel.host import Host, detect
 from perfmodel.search import bits_per_weight
-from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional, positive, probe,
+from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional, probe,
                          render_text, summary, write)
-from qigen.options import add_activations, add_format, comma_list
+from qigen.options import add_activations, add_format, comma_list, positive, threads
 from qigen.pipeline import TUNE_TOP, best_isa, build
 from qigen.spec import BITS, MAX_BATCH, KernelSpec, SpecError, activations, activations_help, choose_family, kernel_name
 from runtime import bandwidth
@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "11008x4096, 4096x11008)")
     add_format(p, BITS, (32, 128), lists=True)
     p.add_argument("--batch", type=comma_list(_batch), help="batch sizes: 1 is decode, more is prefill (default 1,64)")
-    p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
+    p.add_argument("--threads", type=comma_list(threads), help="thread counts to sweep (default: 1 and all cores)")
     add_activations(p, activations()[1:], lists=True)
     p.add_argument("--repeat", type=positive, default=5, help="timed repeats; median and spread reported (default 5)")
     p.add_argument("--tune", action="store_true", help=f"time the {TUNE_TOP} best predicted schedules, keep the fastest")

@@ -25,9 +25,9 @@ import numpy as np
 
 from runtime import bandwidth
 from perfmodel.host import detect
-from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional, positive,
+from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional,
                          probe, render_text, summary, write)
-from qigen.options import add_activations, add_format, comma_list
+from qigen.options import add_activations, add_format, comma_list, positive, threads
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
 from qigen.arch import ROLES, linear_weights
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_format(p, BITS, (32, 128), lists=True)
     p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
     add_activations(p, ("auto",), lists=True)
-    p.add_argument("--threads", type=comma_list(positive), help="thread counts to sweep (default: 1 and all cores)")
+    p.add_argument("--threads", type=comma_list(threads), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
     p.add_argument("--max-windows", type=positive, help="score at most this many windows (default: the whole half)")
