@@ -112,8 +112,33 @@ def stage(library: Path) -> Path:
     return dest
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale(directory: Path) -> None:
+    """Remove the temporary files and build directories that writers killed mid-write left in `directory`: only
+    ours (named .tmp-PID-* or .build-PID-*), only when process PID is gone."""
+    for entry in [*directory.glob(".tmp-*-*"), *directory.glob(".build-*-*")]:
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            try:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            except OSError:  # another cleaner got there first, or it is not ours to remove
+                pass
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    """Write `data` to `path` through a temporary file renamed into place: a reader never sees half a file, and a
+    killed writer's temporary file is removed by the next write into that directory."""
+    remove_stale(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -137,7 +162,8 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
     if os.environ.get("QIGEN_DEBUG"):
         print(source, file=sys.stderr)
     try:
-        with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
+        remove_stale(directory)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=f".build-{os.getpid()}-") as tmp:
             src, out = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             src.write_text(source)
             r = subprocess.run([cc.path, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)

@@ -679,3 +679,22 @@ def test_generate_refuses_a_file_as_output_and_threads_past_the_target(capsys, t
     assert code == 2 and "is a file: the output is a directory" in err
     code, err = _cli(capsys, "generate", "--shape", "64x128", "--threads", "1000", "-o", str(tmp_path / "out"))
     assert code == 2 and f"threads=1000: from 1 to the {CORES} cores of target" in err
+
+
+def test_a_killed_writer_leaves_nothing_behind(tmp_path):
+    """A writer killed mid-write leaves its temporary file; the next write into that directory removes it, and
+    never a live writer's or a file that is not ours."""
+    from runtime.compiler import atomic_write
+
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    stale, live, other = (tmp_path / f".tmp-{killed.pid}-abc", tmp_path / f".tmp-{os.getpid()}-def",
+                          tmp_path / ".tmp-notes")
+    for f in (stale, live, other):
+        f.write_bytes(b"x" * 100)
+    (tmp_path / f".build-{killed.pid}-ghi").mkdir()
+    killed.kill()
+    killed.wait()
+    atomic_write(tmp_path / "out.qigen", b"data")
+    assert (tmp_path / "out.qigen").read_bytes() == b"data"
+    assert not stale.exists() and not (tmp_path / f".build-{killed.pid}-ghi").exists()
+    assert live.exists() and other.exists()
