@@ -191,8 +191,7 @@ class BoundStep:
         threads = self.threads if threads is None else threads
         if threads < 1:
             raise ValueError(f"threads={threads}: at least 1")
-        if threads not in scratch:  # (the buffer, its pointer)
-            scratch.clear()
+        if threads not in scratch:  # (the buffer, its pointer), one per thread count a caller alternates between
             buffer = np.empty(self._step._scratch(context, threads), np.float32)
             scratch[threads] = buffer, self._cast(buffer)
         return (*self._state.pointers, context, scratch[threads][1], threads)

@@ -123,6 +123,36 @@ class Linear:
         return y
 
 
+class ThreadChoice:
+    """The thread count decode steps run with, chosen by measurement: the fastest seconds per token so far among
+    the most threads, half of them and one; each is tried once first, then the others in turn every PROBE-th call
+    so that a change of load is seen. OpenMP threads wait for each other at every barrier of a step: when another program takes a core, a
+    thread that lost it stalls the rest (measured on 2 cores with one busy process: 2 threads 77-131 tokens/s, 1
+    thread 220-275; idle, 2 threads 310-405, 1 thread 260-280)."""
+    PROBE = 16
+
+    def __init__(self, most: int):
+        self.options = sorted({most, max(1, most // 2), 1}, reverse=True)
+        self.per_token: dict[int, float] = {}  # threads → seconds per token, a running average
+        self.calls = 0
+        self.probing = False  # the last pick is not the fastest known: callers keep its work short
+
+    def pick(self) -> int:
+        self.calls += 1
+        if untried := [t for t in self.options if t not in self.per_token]:
+            self.probing = len(untried) < len(self.options)
+            return untried[0]
+        best = min(self.per_token, key=self.per_token.get)
+        others = [t for t in self.options if t != best]
+        self.probing = bool(others) and self.calls % self.PROBE == 0
+        return others[self.calls // self.PROBE % len(others)] if self.probing else best
+
+    def record(self, threads: int, seconds: float, tokens: int) -> None:
+        if tokens:
+            old = self.per_token.get(threads)
+            self.per_token[threads] = seconds / tokens if old is None else (old + seconds / tokens) / 2
+
+
 @dataclass
 class RunState:
     k: np.ndarray  # (layers, kv_heads, context, head_dim) key cache
@@ -188,6 +218,7 @@ class Model:
         per-product kernels."""
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
         self.threads = check_threads(threads)
+        self.decode_threads = ThreadChoice(self.threads)
         if (weights.quant is None) != (kernels is None):
             raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
         self.step, self.step_seconds = None, 0.0
@@ -242,8 +273,9 @@ class Model:
 
     def _step(self, token: int, state: RunState) -> np.ndarray:
         """One token through the generated decode step: its logits."""
-        t0 = time.perf_counter()
-        logits = self.step(self.w.embed[token], state.k, state.v, state.cos, state.sin, state.pos, self.threads)[0]
+        threads, t0 = self.decode_threads.pick(), time.perf_counter()
+        logits = self.step(self.w.embed[token], state.k, state.v, state.cos, state.sin, state.pos, threads)[0]
+        self.decode_threads.record(threads, time.perf_counter() - t0, 1)
         self.step_seconds += time.perf_counter() - t0
         state.pos += 1
         return logits
@@ -251,9 +283,12 @@ class Model:
     def _greedy(self, token: int, state: RunState, n: int, stop: np.ndarray) -> list[int]:
         """Up to n greedy tokens after `token`, through the generated step in one call (a loop in C), ending after
         one in stop."""
-        t0 = time.perf_counter()
+        threads, t0 = self.decode_threads.pick(), time.perf_counter()
+        if self.decode_threads.probing:  # a quarter chunk: the other thread count may be several times slower
+            n = max(1, n // 4)
         tokens = self.step.greedy(self.w.embed, token, n, stop, state.k, state.v, state.cos, state.sin, state.pos,
-                                  self.threads)
+                                  threads)
+        self.decode_threads.record(threads, time.perf_counter() - t0, len(tokens))
         self.step_seconds += time.perf_counter() - t0
         state.pos += len(tokens)
         return tokens.tolist()

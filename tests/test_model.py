@@ -229,3 +229,23 @@ def q8_file(ckpt, tmp_path_factory) -> Path:
 def test_qigen_file_nonsense_is_refused(q8_file, tmp_path, meta, tensors, error):
     with pytest.raises(CheckpointError, match=re.escape(error)):
         load_file(_edited(q8_file, tmp_path / "bad.qigen", meta, tensors))
+
+
+def test_thread_choice_follows_the_measured_speed():
+    """Decode takes the thread count measured fastest, tries the others now and then (on short chunks), and turns
+    when the load changes: here, when a busy neighbour makes 2 threads three times slower than 1."""
+    from runtime.model import ThreadChoice
+
+    choice, speed = ThreadChoice(2), {2: 1.0, 1: 1.3}  # seconds per token
+    picks = []
+    for call in range(200):
+        if call == 100:
+            speed = {2: 3.0, 1: 1.3}
+        t = choice.pick()
+        picks.append((t, choice.probing))
+        choice.record(t, speed[t] * 4, 4)
+    assert picks[:2] == [(2, False), (1, True)]  # each tried once first
+    settled = lambda part: {t for t, probing in part if not probing}
+    assert settled(picks[10:100]) == {2} and settled(picks[110:]) == {1}
+    assert all(t != (2 if i < 100 else 1) for i, (t, probing) in enumerate(picks[10:], 10) if probing)
+    assert ThreadChoice(1).pick() == 1
