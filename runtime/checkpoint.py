@@ -126,8 +126,105 @@ def hf_name(gguf_name: str) -> str | None:
     return _GGUF_GLOBAL.get(gguf_name)
 
 
+_GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # value type → bytes
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_DIMS = 4
+
+
+def _check_gguf_layout(path: Path, quant_sizes: dict[int, tuple[int, int]]) -> None:
+    """Walk a GGUF file's header, every metadata value and every tensor's place with checked bounds, before the
+    gguf package's reader (which trusts counts and lengths: one edited type byte made it run for minutes) sees it:
+    each count and length must fit in the bytes left, each tensor must lie aligned inside the data, apart from the
+    others, with a known type and positive dimensions. A CheckpointError names the field and the rule."""
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        size, at = len(m), 0
+
+        def take(n: int, what: str) -> int:
+            nonlocal at
+            if n < 0 or at + n > size:
+                raise CheckpointError(f"{path}: {what} runs past the end of the file ({size} bytes): it is truncated "
+                                      "or the length before it is wrong")
+            at += n
+            return at - n
+
+        def unsigned(n: int, what: str) -> int:
+            return int.from_bytes(m[take(n, what):at], "little")
+
+        def string(what: str) -> str:
+            n = unsigned(8, what)
+            return m[take(n, f"{what} ({n} bytes)"):at].decode("utf-8", "replace")
+
+        def value(kind: int, what: str, nested: bool = False) -> None:
+            if kind in _GGUF_SCALARS:
+                take(_GGUF_SCALARS[kind], what)
+            elif kind == _GGUF_STRING:
+                string(what)
+            elif kind == _GGUF_ARRAY and not nested:
+                item, count = unsigned(4, f"{what}'s item type"), unsigned(8, f"{what}'s length")
+                if item in _GGUF_SCALARS:
+                    take(count * _GGUF_SCALARS[item], f"{what}'s {count} items")
+                elif item == _GGUF_STRING:
+                    if count * 8 > size - at:
+                        raise CheckpointError(f"{path}: {what} claims {count} strings, more than the file holds")
+                    for _ in range(count):
+                        string(f"an item of {what}")
+                else:
+                    raise CheckpointError(f"{path}: {what} is an array of type {item}, which GGUF metadata has not")
+            else:
+                raise CheckpointError(f"{path}: {what} has value type {kind}, which GGUF metadata has not")
+
+        if m[:4] != b"GGUF":
+            raise CheckpointError(f"{path} is not a GGUF file")
+        take(4, "the magic")
+        if (version := unsigned(4, "the version")) not in (2, 3):
+            raise CheckpointError(f"{path} is GGUF version {version}: qigen reads versions 2 and 3")
+        tensors, fields = unsigned(8, "the tensor count"), unsigned(8, "the metadata count")
+        if tensors * 24 + fields * 12 > size:  # each takes at least that many bytes
+            raise CheckpointError(f"{path}: {tensors} tensors and {fields} metadata values cannot fit in {size} bytes")
+        alignment = 32
+        for _ in range(fields):
+            key = string("a metadata key")
+            kind = unsigned(4, f"metadata '{key}'s type")
+            start = at
+            value(kind, f"metadata '{key}'")
+            if key == "general.alignment":
+                alignment = int.from_bytes(m[start:at], "little") if kind == 4 else 0
+                if alignment < 1 or alignment & (alignment - 1):
+                    raise CheckpointError(f"{path}: general.alignment must be a power of two in a uint32")
+        places = []
+        for _ in range(tensors):
+            name = string("a tensor name")
+            dims = unsigned(4, f"tensor '{name}'s dimension count")
+            if not 1 <= dims <= _GGUF_MAX_DIMS:
+                raise CheckpointError(f"{path}: tensor '{name}' has {dims} dimensions, not 1 to {_GGUF_MAX_DIMS}")
+            shape = [unsigned(8, f"tensor '{name}'s shape") for _ in range(dims)]
+            kind, offset = unsigned(4, f"tensor '{name}'s type"), unsigned(8, f"tensor '{name}'s offset")
+            if kind not in quant_sizes:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {kind}, which GGUF has not")
+            block, block_bytes = quant_sizes[kind]
+            if min(shape) < 1 or shape[0] % block:
+                raise CheckpointError(f"{path}: tensor '{name}' has shape {shape}: every dimension must be positive "
+                                      f"and the first a multiple of its type's block of {block}")
+            if offset % alignment:
+                raise CheckpointError(f"{path}: tensor '{name}' starts at {offset}, not a multiple of {alignment}")
+            places.append((offset, math.prod(shape) // block * block_bytes, name))
+        data = -(-at // alignment) * alignment
+        end = 0
+        for offset, nbytes, name in sorted(places):
+            if offset < end:
+                raise CheckpointError(f"{path}: tensor '{name}' overlaps the tensor before it")
+            if data + offset + nbytes > size:
+                raise CheckpointError(f"{path}: tensor '{name}' ({nbytes} bytes at {offset}) lies past the end of the "
+                                      "file: it is truncated or corrupt")
+            end = offset + nbytes
+
+
 def _load_gguf(path: Path) -> Checkpoint:
     import gguf  # imported here: the package is only needed for GGUF sources
+
+    _check_gguf_layout(path, {int(t): s for t, s in gguf.GGML_QUANT_SIZES.items()})
 
     class Reader(gguf.GGUFReader):
         """Parses from a plain ndarray view of the file's memmap: np.memmap runs Python hooks on every slice,

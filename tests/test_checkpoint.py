@@ -517,3 +517,41 @@ def test_hf_config_nonsense_is_refused(tmp_path, tiny_tokenizer, config, error):
     path = _write_hf(tmp_path / "hf", TINY, _random(TINY), tiny_tokenizer, **config)
     with pytest.raises(CheckpointError, match=re.escape(error)):
         load(path)
+
+
+def _tensor_info(path: Path, name: str, dims: list[int] | None = None, offset: int | None = None) -> Path:
+    """The GGUF at path with one 1-D tensor's dimension and/or data offset overwritten in its header."""
+    data = bytearray(path.read_bytes())
+    at = data.index(name.encode()) + len(name)  # then n_dims (uint32), dims (uint64 each), type (uint32), offset
+    assert int.from_bytes(data[at:at + 4], "little") == 1
+    if dims is not None:
+        data[at + 4:at + 12] = dims[0].to_bytes(8, "little")
+    if offset is not None:
+        data[at + 16:at + 24] = offset.to_bytes(8, "little")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _offset_of(path: Path, name: str) -> int:
+    data = path.read_bytes()
+    at = data.index(name.encode()) + len(name)
+    return int.from_bytes(data[at + 16:at + 24], "little")
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda p: _patched(p, "general.architecture", type_id=9), "metadata 'general.architecture'"),
+    (lambda p: _patched(p, "general.architecture", type_id=77), "has value type 77, which GGUF metadata has not"),
+    (lambda p: _tensor_info(p, "output_norm.weight", offset=2 ** 64 - 32), "lies past the end of the file"),
+    (lambda p: _tensor_info(p, "output_norm.weight", offset=_offset_of(p, "output_norm.weight") + 4),
+     "not a multiple of 32"),
+    (lambda p: _tensor_info(p, "output_norm.weight", offset=_offset_of(p, "blk.0.attn_norm.weight")), "overlaps"),
+    (lambda p: _tensor_info(p, "output_norm.weight", dims=[0]), "every dimension must be positive"),
+    (lambda p: p.write_bytes(p.read_bytes()[:-100]) and p, "lies past the end of the file"),
+])
+def test_gguf_layout_is_checked_before_the_reader_trusts_it(tmp_path, edit, error):
+    """One edited byte in a count, a type or an offset: refused in bounded time, naming the field."""
+    path = edit(_write_gguf(tmp_path / "m.gguf", TINY, _random(TINY)))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=re.escape(error)):
+        load(path)
+    assert time.perf_counter() - t0 < 5
