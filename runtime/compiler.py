@@ -168,6 +168,9 @@ def build(source: str, flags: tuple[str, ...]) -> Built:
             src.write_text(source)
             r = subprocess.run([cc.path, *flags, str(src), "-o", str(out), "-lm"], capture_output=True, text=True)
             if r.returncode or not out.is_file():
+                if "No space left on device" in r.stderr or "Disk quota exceeded" in r.stderr:
+                    raise CompileError(f"the cache directory {directory} is full: the compiler could not write its "
+                                       "output; free space or set QIGEN_CACHE_DIR")
                 raise CompileError(f"{cc.path} failed on generated source ({' '.join(flags)}):\n{r.stderr[-4000:]}")
             os.replace(out, so)
         atomic_write(meta, json.dumps({"sha256": _sha256(so), "flags": flags, "compiler": cc.version}).encode())

@@ -698,3 +698,16 @@ def test_a_killed_writer_leaves_nothing_behind(tmp_path):
     assert (tmp_path / "out.qigen").read_bytes() == b"data"
     assert not stale.exists() and not (tmp_path / f".build-{killed.pid}-ghi").exists()
     assert live.exists() and other.exists()
+
+
+def test_a_full_cache_disk_during_a_build_says_so(monkeypatch, tmp_path):
+    """The linker's 'No space left on device' becomes one line naming the cache directory, not its raw output."""
+    cc = tmp_path / "cc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo 'fake cc 1.0'; exit 0; }\n"
+                  "echo '/usr/bin/ld: final link failed: No space left on device' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("QIGEN_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(CompileError, match="cache directory .* is full: .*QIGEN_CACHE_DIR") as e:
+        build("int f(void) { return 0; }", ("-shared",))
+    assert "/usr/bin/ld" not in str(e.value)
