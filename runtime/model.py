@@ -125,15 +125,19 @@ class Linear:
 
 class ThreadChoice:
     """The thread count decode steps run with, chosen by measurement: the fastest seconds per token so far among
-    the most threads, half of them and one; each is tried once first, then the others in turn every PROBE-th call
-    so that a change of load is seen. OpenMP threads wait for each other at every barrier of a step: when another program takes a core, a
-    thread that lost it stalls the rest (measured on 2 cores with one busy process: 2 threads 77-131 tokens/s, 1
-    thread 220-275; idle, 2 threads 310-405, 1 thread 260-280)."""
-    PROBE = 16
+    the most threads, half of them and one. Each is tried once first; after that another is re-tried (on a short
+    chunk: callers see `probing`) when its turn comes, every PROBE calls at first, twice as rarely each time it
+    comes back slower, so that a change of load is seen at a bounded cost. OpenMP threads wait for each other at
+    every barrier of a step: when another program takes a core, the thread that lost it stalls the rest (on 2
+    cores with two busy processes one 2-thread token took 0.3-0.6 s, against 7 ms on 1 thread)."""
+    PROBE = 4
+    LONGEST = 256  # calls (about 13 s of 50 ms chunks) between re-tries of an option that keeps coming back slower
 
     def __init__(self, most: int):
         self.options = sorted({most, max(1, most // 2), 1}, reverse=True)
         self.per_token: dict[int, float] = {}  # threads → seconds per token, a running average
+        self.wait = {t: self.PROBE for t in self.options}  # calls until an option's next re-try, and its interval
+        self.due = dict(self.wait)
         self.calls = 0
         self.probing = False  # the last pick is not the fastest known: callers keep its work short
 
@@ -143,14 +147,20 @@ class ThreadChoice:
             self.probing = len(untried) < len(self.options)
             return untried[0]
         best = min(self.per_token, key=self.per_token.get)
-        others = [t for t in self.options if t != best]
-        self.probing = bool(others) and self.calls % self.PROBE == 0
-        return others[self.calls // self.PROBE % len(others)] if self.probing else best
+        due = [t for t in self.options if t != best and self.due[t] <= self.calls]
+        self.probing = bool(due)
+        return due[0] if due else best
 
     def record(self, threads: int, seconds: float, tokens: int) -> None:
-        if tokens:
-            old = self.per_token.get(threads)
-            self.per_token[threads] = seconds / tokens if old is None else (old + seconds / tokens) / 2
+        if not tokens:
+            return
+        rate = seconds / tokens
+        if self.probing:  # back off from an option that is still slower; come back soon to one that is not
+            slower = rate > min(self.per_token.values(), default=rate)
+            self.wait[threads] = min(2 * self.wait[threads], self.LONGEST) if slower else self.PROBE
+            self.due[threads] = self.calls + self.wait[threads]
+        old = self.per_token.get(threads)
+        self.per_token[threads] = rate if old is None else (old + rate) / 2
 
 
 @dataclass
