@@ -53,6 +53,7 @@ class KernelParams:
     load_scale: str
     vector_width: int
     row_vectors: int
+    accumulators: int  # independent partial sums per row vector
     tile_rows: int
     tiles: int
     chunk: int
@@ -64,6 +65,7 @@ class KernelParams:
     code_shift: float  # Σx's multiple added to each group's Σ code·x: minus a symmetric zero point (and a family's bias)
     scratch: int  # floats of prepared x a matrix-vector kernel reads (its prep writes them); 0 for matrix-matrix
     prefetch: tuple[int, ...]  # bytes ahead of a chunk's words that matrix-vector kernels prefetch, one per line
+    parts: str  # the family's pieces of the matrix-vector scaffold gemv.c.j2
     glu: bool = False  # also a second tile loop for a step's gate_up, whose rows interleave gate's and up's: silu(gate)·up
 
 
@@ -134,6 +136,8 @@ class Family:
         arrays = ", ".join(a.param for a in self.bundle(spec, schedule))
         return f"int {name}({arrays}, const float *bias, const float *x, float *y, int n, int threads);"
 
+    parts: ClassVar[str] = ""  # the template of its pieces of the matrix-vector scaffold, if it fills that in
+
     def common(self, spec: KernelSpec, schedule: Schedule, template: str, scratch: int, code_shift: float) -> dict:
         """The KernelParams fields every family computes alike, as keywords for its own params class."""
         lay = layout(spec, schedule)
@@ -143,6 +147,7 @@ class Family:
             tag=schedule.tag(), bundle=self.bundle(spec, schedule), bits=spec.bits, rows=spec.rows, cols=spec.cols,
             padded_cols=lay.chunks * lay.chunk, symmetric=spec.symmetric, stype=spec.scales.ctype,
             load_scale=spec.scales.load, vector_width=spec.vector_width, row_vectors=schedule.row_vectors,
+            accumulators=schedule.accumulators, parts=self.parts,
             tile_rows=lay.tile_rows, tiles=lay.tiles, chunk=lay.chunk, chunks=lay.chunks, words=lay.words,
             groups=lay.groups, group_size=spec.group_size, group_chunks=lay.group_chunks, code_shift=code_shift,
             scratch=scratch, prefetch=tuple(range(PREFETCH, PREFETCH + lay.words * lay.tile_rows * 4, LINE)))

@@ -22,12 +22,12 @@ from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
 from qigen.layout import pack_codes, stored_layout, unpack_codes
 from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, dequantize
-from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec
+from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec, prefill_spec
 from runtime import bandwidth
 from runtime.checkpoint import Checkpoint, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import Kernels, Layer, Model, Weights, quantize_weights, split_linears, take_rows
+from runtime.model import PREFILL_BATCH, Kernels, Layer, Model, Weights, quantize_weights, split_linears, take_rows
 from runtime.tokenizer import Tokenizer, TokenizerError
 
 FORMAT, VERSION = "qigen-model", 1
@@ -144,10 +144,9 @@ def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = No
     threads = threads or host.cores
     spec = StepSpec.uniform(weights.config, weights.quant, best_isa(host))
     steps = (spec,) if fused else ()
-    lib = build(Kernels.specs(spec), host, threads, steps)
-    decode = spec.kernel_specs()
-    prefill = dict(zip(decode, Kernels.specs(spec)[len(decode):]))
-    kernels = Kernels(spec, {s: lib.kernels[s] for s in decode}, {s: lib.kernels[p] for s, p in prefill.items()},
+    prefill = {s: prefill_spec(s, PREFILL_BATCH) for s in spec.kernel_specs()}  # decode spec → its prefill twin
+    lib = build([*prefill, *prefill.values()], host, threads, steps)
+    kernels = Kernels(spec, {s: lib.kernels[s] for s in prefill}, {s: lib.kernels[p] for s, p in prefill.items()},
                       lib.steps.get(spec))
     return Model(weights, tokenizer, threads, kernels)
 

@@ -16,7 +16,7 @@ from perfmodel.host import detect
 from qigen.arch import HEAD, NORMS, ROLE_NAMES, ROLES, LlamaConfig, layer_prefix
 from qigen.layout import PackedWeights, contiguous, huge_pages
 from qigen.quant import QuantizedWeights, dequantize, quantize
-from qigen.spec import KernelSpec, QuantSpec, StepSpec, prefill_spec
+from qigen.spec import KernelSpec, QuantSpec, StepSpec
 from runtime.checkpoint import Checkpoint
 from runtime.loader import Kernel, Step
 from runtime.tokenizer import Tokenizer
@@ -91,12 +91,6 @@ class Kernels:
     decode: dict[KernelSpec, Kernel]
     prefill: dict[KernelSpec, Kernel]
     step: Step | None = None
-
-    @staticmethod
-    def specs(spec: StepSpec) -> list[KernelSpec]:
-        """Every kernel spec a model of that step spec needs: the decode ones and their prefill twins."""
-        decode = spec.kernel_specs()
-        return [*decode, *(prefill_spec(s, PREFILL_BATCH) for s in decode)]
 
 
 class Linear:

@@ -22,8 +22,6 @@ ROW_VECTORS = (1, 2, 3, 4)
 
 @dataclass(frozen=True, kw_only=True)
 class Params(KernelParams):
-    parts: str  # the template of this family's pieces of the matrix-vector scaffold
-    accumulators: int
     subs: int  # shifts per word: codes per byte
     byte_mask: str  # the AND that leaves one code per byte, in hex
     top_code: int
@@ -41,6 +39,7 @@ class WeightsA8(Family):
                f"{', '.join(map(str, BITS))}, groups of multiples of {BLOCK})")
     kinds = ("gemv",)
     prefill = "wq_f32"
+    parts = "gemv_a8.c.j2"
     byte_major = True  # code 4s + j in byte j at bit s·bits: a word shifted by s·bits meets x's bytes 4s..4s+3
 
     def check(self, spec: KernelSpec) -> None:
@@ -85,7 +84,7 @@ class WeightsA8(Family):
         code_shift = 128.0 * dot8 - (float(spec.zero_point) if spec.symmetric else 0.0)
         return Params(
             **self.common(spec, schedule, "gemv.c.j2", lay.chunks * subs + blocks + lay.groups, code_shift),
-            parts="gemv_a8.c.j2", accumulators=schedule.accumulators, subs=subs,
+            subs=subs,
             byte_mask=f"{0x01010101 * ((1 << spec.bits) - 1):x}", top_code=(1 << spec.bits) - 1, dot8=dot8,
             block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK)
 

@@ -42,8 +42,6 @@ class Read(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class Params(KernelParams):
-    parts: str  # the template of this family's pieces of the matrix-vector scaffold
-    accumulators: int
     col_tile: int
     k_block: int
     k_block_chunks: int
@@ -61,6 +59,7 @@ class WeightsF32(Family):
     summary = "x multiplies the codes in fp32 (every format)"
     kinds = ("gemv", "gemm")
     prefill = "wq_f32"
+    parts = "gemv_f32.c.j2"
 
     def space(self, spec: KernelSpec, threads: int):
         if spec.kind == "gemv":
@@ -117,7 +116,7 @@ class WeightsF32(Family):
         return Params(
             **self.common(spec, schedule, f"{spec.kind}.c.j2", lay.chunks * lay.chunk + lay.groups if gemv else 0,
                           -float(spec.zero_point) if spec.symmetric else 0.0),
-            parts="gemv_f32.c.j2", accumulators=schedule.accumulators, col_tile=schedule.col_tile,
+            col_tile=schedule.col_tile,
             k_block=schedule.k_block, k_block_chunks=schedule.k_block // lay.chunk,
             derives=tuple(Derived(d.src, d.shift, f"{d.mask:x}") for d in lay.derives), views=lay.views,
             reads=tuple(Read(e.code, e.view, e.shift, f"{e.mask:x}", e.code % schedule.accumulators)
