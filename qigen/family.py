@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from qigen.layout import Layout, layout, pack_codes, pack_groups
+from qigen.layout import layout, pack_codes, pack_groups
 from qigen.spec import KernelSpec, Schedule, SpecError, kernel_name
 
 PREFETCH = 1024  # bytes ahead: measured on Zen 3, one thread streams ~15% more weights with it (2 KiB is worse), and

@@ -3,7 +3,6 @@
 No kernel is compiled here; the host is a fixed description so the figures do not depend on the
 machine the tests run on.
 """
-import itertools
 import json
 from dataclasses import replace
 

@@ -15,7 +15,7 @@ from perfmodel.host import detect
 from qigen.arch import ROLE_NAMES, LlamaConfig
 from qigen.quant import dequantize, quantize
 from qigen.render import render
-from qigen.spec import ISAS, KernelSpec, QuantSpec, Schedule, SpecError, StepSpec
+from qigen.spec import ISAS, QuantSpec, Schedule, SpecError, StepSpec
 from runtime.compiler import compile
 from runtime.loader import load
 from runtime.model import Layer, Model, Weights

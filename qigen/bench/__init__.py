@@ -7,7 +7,6 @@ with a noisy-machine warning, tables, and the results directory. One directory h
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import os
