@@ -240,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     pp.add_argument("--ctx", type=int, default=512, help="tokens per window")
     pp.add_argument("--all-tokens", action="store_true", help="score every token, not the second half of windows")
     pp.add_argument("--decode", action="store_true",
-                    help="feed tokens one at a time through the decode path (its int8 activations), not in prefill chunks")
+                    help="feed tokens one at a time through the decode path (the generated step), not in prefill chunks")
     b = sub.add_parser("bench", help="measure kernels or a model on this machine: tables, results.json and plots")
     what = b.add_subparsers(dest="what", required=True)
     from qigen.bench import kernels as bench_kernels, model as bench_model

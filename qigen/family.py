@@ -63,7 +63,7 @@ class KernelParams:
     group_size: int
     group_chunks: int
     code_shift: float  # Σx's multiple added to each group's Σ code·x: minus a symmetric zero point (and a family's bias)
-    scratch: int  # floats of prepared x a matrix-vector kernel reads (its prep writes them); 0 for matrix-matrix
+    scratch: int  # floats of prepared x (per row of X) a kernel's prep writes; 0 when it prepares none
     prefetch: tuple[int, ...]  # bytes ahead of a chunk's words that matrix-vector kernels prefetch, one per line
     parts: str  # the family's pieces of the matrix-vector scaffold gemv.c.j2
     glu: bool = False  # also a second tile loop for a step's gate_up, whose rows interleave gate's and up's: silu(gate)·up
@@ -76,8 +76,8 @@ class Family:
     activations: ClassVar[str]  # how x meets the codes: "fp32" or "int8"
     summary: ClassVar[str]  # its rules in words, for help texts
     kinds: ClassVar[tuple[str, ...]]  # "gemv" (matrix-vector, batch 1) and/or "gemm" (matrix-matrix)
-    prefill: ClassVar[str]  # the family whose matrix-matrix kernels prefill for this one's decode
     byte_major: ClassVar[bool] = False  # codes packed byte by byte (see qigen.layout)
+    dot_products: ClassVar[bool] = False  # its code takes an ISA's integer dot product (VNNI's differs)
 
     def check(self, spec: KernelSpec) -> None:
         """Raise SpecError naming the family rule that spec breaks."""

@@ -84,4 +84,4 @@ def add_format(p: argparse.ArgumentParser, bits_default, group_default, *, lists
 def add_activations(p: argparse.ArgumentParser, default, *, lists: bool = False, shown: str | None = None) -> None:
     """--activations on parser p: a family's activation type or auto; lists: comma-separated."""
     p.add_argument("--activations", type=comma_list(activation) if lists else activation, default=default,
-                   help=f"decode activations: {activations_help()} (default {shown or _shown(default, lists)})")
+                   help=f"activations: {activations_help()} (default {shown or _shown(default, lists)})")

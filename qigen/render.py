@@ -159,7 +159,7 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
     ps = [replace(p, glu=True) if p.name in glu else p for p in ps]
     isa = isas.pop()
     text = _environment().get_template("library.c.j2").render(kernels=ps, steps=sps, isa=isa, target=target,
-                                                              header=ISAS[isa].header)
+                                                              header=ISAS[isa].header, vnni=ISAS[isa].vnni)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
         (prototypes[step.name], prototypes[step.name + "_greedy"],

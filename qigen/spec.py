@@ -41,15 +41,21 @@ class Isa:
     fma_ports: int = 2
     fma_latency: int = 4
     load_ports: int = 3
+    base: str = ""  # the ISA whose vector code this one shares, all but the integer dot product (VNNI's)
+    vnni: bool = False  # u8 x s8 dot products of four bytes into int32 lanes (vpdpbusd), no int16 sums
 
     @property
     def header(self) -> str:
-        return f"simd_{self.name}.h"
+        return f"simd_{self.base or self.name}.h"
 
 
+_AVX512 = ("avx512f", "avx512bw", "avx512vl", "f16c")
+_AVX2 = ("avx2", "fma", "f16c")
 ISAS = {isa.name: isa for isa in (  # best first
-    Isa("avx512", 16, 32, ("avx512f", "avx512bw", "avx512vl", "f16c"), 2.0, emulated=True),
-    Isa("avx2", 8, 16, ("avx2", "fma", "f16c"), 3.0),
+    Isa("avx512vnni", 16, 32, (*_AVX512, "avx512vnni"), 2.0, emulated=True, base="avx512", vnni=True),
+    Isa("avx512", 16, 32, _AVX512, 2.0, emulated=True),
+    Isa("avxvnni", 8, 16, (*_AVX2, "avxvnni"), 3.0, base="avx2", vnni=True),  # client CPUs: VNNI without AVX-512
+    Isa("avx2", 8, 16, _AVX2, 3.0),
     Isa("scalar", 1, 16, (), 3.0),
 )}
 
@@ -208,8 +214,8 @@ def check(spec: KernelSpec, schedule: Schedule) -> None:
 
 
 def prefill_spec(spec: KernelSpec, batch: int) -> KernelSpec:
-    """The matrix-matrix twin of a decode spec, in the family its family prefills with."""
-    return replace(spec, batch=batch, family=spec.traits.prefill)
+    """The matrix-matrix twin of a decode spec: its family's, at the design batch `batch`."""
+    return replace(spec, batch=batch)
 
 
 METHODS = ("rtn", "gptq")
@@ -234,7 +240,7 @@ class QuantSpec:
     method: str = "rtn"  # or "gptq"
     head_bits: int = 8
     head_group: int | None = 32
-    activations: str = "auto"  # decode's: a family's activation type (e.g. int8: integer dot products), or "auto":
+    activations: str = "auto"  # a family's activation type (e.g. int8: integer dot products), or "auto":
     # the first family, best first, whose rules the format meets; the head likewise
 
     def __post_init__(self) -> None:
@@ -253,15 +259,9 @@ class QuantSpec:
         self.kernel_spec(1, 1, head=True)
 
     @property
-    def decode_activations(self) -> str:
-        """The activation type the linear layers decode with, auto resolved."""
+    def resolved_activations(self) -> str:
+        """The activation type the linear layers multiply with, auto resolved."""
         return self.kernel_spec(1, 1).traits.activations
-
-    @property
-    def decode_differs(self) -> bool:
-        """Whether decode multiplies otherwise than prefill (e.g. int8 against fp32 activations)."""
-        traits = self.kernel_spec(1, 1).traits
-        return traits.activations != family(traits.prefill).activations
 
     def kernel_spec(self, rows: int, cols: int, head: bool = False, isa: str = "scalar") -> KernelSpec:
         """The decode (matrix-vector) spec of a layer; prefill takes its prefill_spec."""

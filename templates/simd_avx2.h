@@ -29,3 +29,7 @@ static inline vi vi_dot8(vi w, vi x)
     return vi_madd1(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c)));
 }
 static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
+#ifdef QIGEN_VNNI
+/* AVX-VNNI (VEX-encoded, client CPUs): per int32 lane, s + the four u8 x s8 byte products */
+static inline vi vi_dpbusd(vi s, vi u, vi x) { return _mm256_dpbusd_avx_epi32(s, u, x); }
+#endif

@@ -61,3 +61,7 @@ static inline vi vi_dot8(vi w, vi x)
                                                                                   _mm512_setzero_si512(), x)));
 }
 static inline vi vi_add32(vi a, vi b) { return _mm512_add_epi32(a, b); }
+#ifdef QIGEN_VNNI
+/* AVX-512 VNNI: per int32 lane, s + the four u8 x s8 byte products (vpdpbusd), no int16 sums on the way */
+static inline vi vi_dpbusd(vi s, vi u, vi x) { return _mm512_dpbusd_epi32(s, u, x); }
+#endif

@@ -110,10 +110,10 @@ def test_info_named_target(capsys, cache):
     code, out, _ = _qigen(capsys, "info", "--target", "icelake-server", "--json")
     assert code == 0
     d = json.loads(out)
-    assert "avx512f" in d["host"]["features"] and d["isa"] == "avx512"
+    assert "avx512vnni" in d["host"]["features"] and d["isa"] == "avx512vnni"
     assert d["host"]["name"] == "icelake-server" and d["host"]["native"] is False
     assert d["host"]["l2"] == 1280 << 10 and d["read_bandwidth"] is None
-    assert d["example"]["spec"].startswith("gemv_q4_g128_asym_fp16_avx512_")
+    assert d["example"]["spec"].startswith("gemv_q4_g128_asym_fp16_avx512vnni_")
 
 
 def test_console_script(tmp_path):

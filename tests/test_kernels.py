@@ -45,6 +45,8 @@ def legal(*args, **kwargs) -> KernelSpec | None:
 def variants(isa: str) -> list[tuple[KernelSpec, Schedule]]:
     pairs = []
     for family, kind, bits in itertools.product(FAMILIES.values(), ("gemv", "gemm"), BITS):
+        if ISAS[isa].base and not family.dot_products:  # the same code as its base ISA's
+            continue
         batch = BATCH[kind]
         formats = [f for f in FORMATS if legal(64, 576, bits, *f, batch=batch, isa=isa, family=family.name)]
         if not formats:
@@ -157,6 +159,8 @@ GOLDEN_KERNELS = {
     "gemm_q3_g32_sym_avx512.c": (KernelSpec(11008, 4096, 3, 32, True, "fp32", batch=64, isa="avx512"),
                                  Schedule(2, 1, 6, 128, threads=2)),
     "gemv_q2_grow_scalar.c": (KernelSpec(37, 100, 2, None, isa="scalar"), Schedule(2, 2, threads=1)),
+    "gemm_a8_q4_g32_avx512vnni.c": (KernelSpec(4096, 4096, 4, 32, batch=64, isa="avx512vnni", family="wq_a8"),
+                                    Schedule(2, 1, 4, 0, threads=2)),
 }
 
 

@@ -213,13 +213,7 @@ class Run:
             for t in self.args.threads:
                 model = make(t)
                 record["speed"][t] = self.speed(model, t, per_token)
-            quant = getattr(getattr(model, "w", None), "quant", None)
-            if quant and quant.decode_differs:  # decode's numerics differ from prefill's: score what generation runs
-                record["perplexity_path"] = "decode"
-                record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx,
-                                                                                 decode=True)
-            else:
-                record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx)
+            record["perplexity"], record["tokens_scored"] = model.perplexity(self.evaluation, self.args.ctx)
         except Exception as e:  # e.g. GPTQ failing numerically: report it and go on with the rest
             record["error"] = f"{type(e).__name__}: {e}"
             log(f"{record['name']} FAILED: {record['error']}")
@@ -227,7 +221,7 @@ class Run:
 
     def qigen(self, bits: int, group: int | None, method: str, activations: str) -> dict:
         quant = QuantSpec(bits, group, method=method, activations=activations)
-        act = quant.decode_activations
+        act = quant.resolved_activations
         name = f"q{bits} g{group or 'row'} {method} {act}"
         path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}.qigen"
         record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act}
@@ -480,7 +474,7 @@ def run(args: argparse.Namespace) -> dict:
     combos = {}  # (bits, group, method, resolved activations): "auto" may coincide with an explicit choice
     for b, g, m, a in itertools.product(args.bits, args.group, args.method, args.activations):
         try:
-            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).decode_activations), a)
+            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).resolved_activations), a)
         except ValueError as e:  # e.g. int8 activations asked for 3-bit weights
             log(f"skipped: q{b} g{g or 'row'} {m} with {a} activations: {e}")
     tasks = [Task(f"q{b} g{g or 'row'} {m} {act}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m, a))

@@ -1,9 +1,12 @@
-"""Weight-quantized matrix-vector kernels with int8 activations (decode): integer dot products.
+"""Weight-quantized kernels with int8 activations: integer dot products, matrix-vector (decode) and matrix-matrix
+(prefill).
 
 x is quantized per block of BLOCK inputs (llama.cpp's Q8 block) to int8 with one scale; the codes are packed
-byte-major, so one shift and one AND leave them whole in bytes, which `maddubs`/`madd` multiply with x's bytes and
-sum in integers; one float conversion per block. 8-bit codes are read as signed bytes (code − 128) and x's signs
-moved onto them, as llama.cpp does for Q8_0. Prefill keeps fp32 activations (wq_f32).
+byte-major, so one shift and one AND leave them whole in bytes, which meet x's bytes in an integer dot product:
+`vpdpbusd` (u8 x s8, four bytes into each int32 lane) with VNNI, else `maddubs`/`madd` (int16 pair sums within a
+block, then int32); one float conversion per block. Without VNNI, 8-bit codes are read as signed bytes (code − 128)
+and x's signs moved onto them, as llama.cpp does for Q8_0. The matrix-matrix kernel quantizes every row of X the
+same way, then runs a register micro-kernel of row vectors × col_tile rows of X over the tile's words.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from qigen.spec import KernelSpec, Schedule, SpecError
 BITS = (2, 4, 8)  # codes that sit whole in bytes (after one shift and AND below 8 bits)
 BLOCK = 32  # inputs per int8 activation scale
 ROW_VECTORS = (1, 2, 3, 4)
+COL_TILES = (2, 3, 4, 6, 8)  # rows of X per matrix-matrix micro-kernel; 1 is the matrix-vector kernel's job
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -25,26 +29,26 @@ class Params(KernelParams):
     subs: int  # shifts per word: codes per byte
     byte_mask: str  # the AND that leaves one code per byte, in hex
     top_code: int
-    dot8: bool  # 8-bit codes, read as signed bytes (code - 128) and summed in int32 per chunk
+    dot: str  # how codes meet x's bytes: "dpbusd" (VNNI), "maddubs" (int16 pairs), "dot8" (8-bit codes as signed
+    # bytes, code - 128, summed in int32 per word)
     block_chunks: int  # chunks per block of BLOCK inputs
     blocks: int
     group_blocks: int
+    col_tile: int  # rows of X per micro-kernel (matrix-matrix)
 
 
 class WeightsA8(Family):
     name = "wq_a8"
     suffix = "_a8"
     activations = "int8"
-    summary = (f"x quantized to int8 per block of {BLOCK}, integer dot products (decode; bits "
+    summary = (f"x quantized to int8 per block of {BLOCK}, integer dot products (bits "
                f"{', '.join(map(str, BITS))}, groups of multiples of {BLOCK})")
-    kinds = ("gemv",)
-    prefill = "wq_f32"
+    kinds = ("gemv", "gemm")
+    dot_products = True
     parts = "gemv_a8.c.j2"
     byte_major = True  # code 4s + j in byte j at bit s·bits: a word shifted by s·bits meets x's bytes 4s..4s+3
 
     def check(self, spec: KernelSpec) -> None:
-        if spec.batch != 1:
-            raise SpecError("int8 activations are a matrix-vector (batch 1) kernel: prefill keeps fp32 activations")
         if spec.bits not in BITS:
             raise SpecError(f"int8 activations need bits {' or '.join(map(str, BITS))}, not {spec.bits}")
         if spec.group is None or spec.group % BLOCK:
@@ -52,41 +56,59 @@ class WeightsA8(Family):
                             f"{spec.group or 'a whole row'}")
 
     def space(self, spec: KernelSpec, threads: int):
-        return (Schedule(r, 1, 1, 0, threads) for r in ROW_VECTORS)
+        tiles = COL_TILES if spec.kind == "gemm" else (1,)
+        return (Schedule(r, 1, c, 0, threads) for r in ROW_VECTORS for c in tiles)
 
     def check_schedule(self, spec: KernelSpec, schedule: Schedule) -> None:
-        regs = spec.target.registers
-        if schedule.col_tile != 1 or schedule.k_block != 0 or schedule.accumulators != 1:
-            raise SpecError("an int8-activation schedule has col_tile 1, k_block 0 and accumulators 1 (one int16 sum "
-                            "per row vector)")
-        subs = 8 // spec.bits
-        if 3 * schedule.row_vectors + subs + 3 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {schedule.row_vectors}x3 sums, {subs} x broadcasts, a mask "
-                            f"and two temporaries need more than the {regs} vector registers of {spec.isa}")
+        regs, r, c = spec.target.registers, schedule.row_vectors, schedule.col_tile
+        if schedule.k_block != 0 or schedule.accumulators != 1 or (c == 1) != (spec.kind == "gemv"):
+            raise SpecError("an int8-activation schedule has k_block 0, accumulators 1 (one integer sum per row vector "
+                            "and row of X) and col_tile 1 exactly when it is matrix-vector")
+        if spec.kind == "gemv":
+            subs = 8 // spec.bits
+            if 3 * r + subs + 3 > regs:
+                raise SpecError(f"schedule {schedule.tag()}: {r}x3 sums, {subs} x broadcasts, a mask and two "
+                                f"temporaries need more than the {regs} vector registers of {spec.isa}")
+        elif 2 * r * c + 2 * r + 3 > regs:
+            raise SpecError(f"schedule {schedule.tag()}: {r}x{c} integer and float sums, {r} words, {r} codes, a mask, "
+                            f"x and a scale need more than the {regs} vector registers of {spec.isa}")
+
+    @staticmethod
+    def dot(spec: KernelSpec) -> str:
+        return "dpbusd" if spec.target.vnni else "dot8" if spec.bits == 8 else "maddubs"
 
     def cycles(self, spec: KernelSpec, schedule: Schedule, host, n: int) -> float:
         lay, issue, r = layout(spec, schedule), spec.target.issue, schedule.row_vectors
-        if spec.bits == 8:  # load, xor, abs, sign, multiply-adds of bytes and of int16, add
-            chunk = (7 * r + 1) / issue
-        else:  # per shift: (shift,) and, multiply-add of bytes, int16 add; one x broadcast each
-            subs = 8 // spec.bits
-            chunk = (r * (1 + 4 * subs - 1) + subs) / issue
-        group_end = r * (schedule.accumulators + 5) / issue  # sum, scale, offset
-        group_end += (3 * r + 1) / issue * spec.group_size / BLOCK  # per block: int16 pairs to int32, convert, scale
-        return lay.tiles * (lay.chunks * chunk + lay.groups * group_end) * n
+        subs, dot = 8 // spec.bits, self.dot(spec)
+        per_word = {"dpbusd": 1, "maddubs": 2, "dot8": 6}[dot]  # per row vector and row of x: multiply-adds, sums
+        unpack = 0 if spec.bits == 8 else 2 * subs - 1  # shifts and ANDs per word and row vector
+        finish = 3 + (dot == "maddubs")  # per block: (int16 pairs to int32,) convert, scale, multiply-add
+        if spec.kind == "gemv":
+            chunk = (r * (1 + unpack + per_word * subs) + subs) / issue
+            group_end = r * 6 / issue + (finish * r + 1) / issue * spec.group_size / BLOCK
+            return lay.tiles * (lay.chunks * chunk + lay.groups * group_end) * n
+        c = schedule.col_tile
+        chunk = (r * (1 + unpack) + c * subs * (1 + r * per_word)) / issue  # x broadcast per (row of x, word)
+        block = c * (r * finish + 1) / issue
+        group_end = c * r * (1 + (not spec.symmetric)) / issue
+        panels = -(-n // c)
+        return lay.tiles * panels * (lay.chunks * chunk + lay.chunks / lay.group_chunks * spec.group_size / BLOCK
+                                     * block + lay.groups * group_end)
 
     def params(self, spec: KernelSpec, schedule: Schedule) -> Params:
         lay = layout(spec, schedule)
-        subs, dot8 = 8 // spec.bits, spec.bits == 8
+        subs, dot = 8 // spec.bits, self.dot(spec)
         block_chunks = BLOCK // lay.chunk
         blocks = -(-lay.chunks // block_chunks)
-        # scratch: x's bytes as words per (chunk, shift), the blocks' scales, the group sums
-        code_shift = 128.0 * dot8 - (float(spec.zero_point) if spec.symmetric else 0.0)
+        # scratch (per row of X): x's bytes as words per (chunk, shift), the blocks' scales, the group sums
+        code_shift = 128.0 * (dot == "dot8") - (float(spec.zero_point) if spec.symmetric else 0.0)
         return Params(
-            **self.common(spec, schedule, "gemv.c.j2", lay.chunks * subs + blocks + lay.groups, code_shift),
+            **self.common(spec, schedule, "gemv.c.j2" if spec.kind == "gemv" else "gemm_a8.c.j2",
+                          lay.chunks * subs + blocks + lay.groups, code_shift),
             subs=subs,
-            byte_mask=f"{0x01010101 * ((1 << spec.bits) - 1):x}", top_code=(1 << spec.bits) - 1, dot8=dot8,
-            block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK)
+            byte_mask=f"{0x01010101 * ((1 << spec.bits) - 1):x}", top_code=(1 << spec.bits) - 1, dot=dot,
+            block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK,
+            col_tile=schedule.col_tile)
 
     def seen(self, x: np.ndarray) -> np.ndarray:
         """Per block of BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32 (the kernels' own arithmetic)."""

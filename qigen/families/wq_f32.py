@@ -58,7 +58,6 @@ class WeightsF32(Family):
     activations = "fp32"
     summary = "x multiplies the codes in fp32 (every format)"
     kinds = ("gemv", "gemm")
-    prefill = "wq_f32"
     parts = "gemv_f32.c.j2"
 
     def space(self, spec: KernelSpec, threads: int):

@@ -35,6 +35,10 @@ static inline vi vi_dot8(vi w, vi x)
     return vi_madd1(_mm256_maddubs_epi16(_mm256_abs_epi8(c), _mm256_sign_epi8(x, c)));
 }
 static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
+#ifdef QIGEN_VNNI
+/* AVX-VNNI (VEX-encoded, client CPUs): per int32 lane, s + the four u8 x s8 byte products */
+static inline vi vi_dpbusd(vi s, vi u, vi x) { return _mm256_dpbusd_avx_epi32(s, u, x); }
+#endif
 
 
 /* 64-byte aligned scratch: a vector load that splits a cache line costs two */
@@ -540,7 +544,8 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t 
                     const uint32_t *wc = wt + (size_t)c * 8;
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 1 + 0]);
-                    s0 = vi_add32(s0, vi_dot8(vi_load(wc + 0), x0));
+                    vi w0 = vi_load(wc + 0);
+                    s0 = vi_add32(s0, vi_dot8(w0, x0));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(s0), d, p0);
