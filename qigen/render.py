@@ -23,6 +23,39 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class PrefillAttention:
+    """The constants of a step's prefill attention (prefill.c.j2): tiles of `lanes` lanes (a key/value
+    head's query heads × a vector of tokens), register passes over `pass_vectors` of its vectors, scores of
+    `key_unroll` keys and outputs of `dim_unroll` dimensions at a time, keys in blocks of `key_block`."""
+    prototype: str
+    swiglu_prototype: str
+    lanes: int
+    pass_vectors: int
+    key_unroll: int
+    dim_unroll: int
+    key_block: int
+    own_floats: int  # each thread's: the tile's q (transposed), scores, outputs; running max, sum, new max, rescale
+
+
+KEY_BLOCK = 64  # keys per online-softmax block: its scores stay in L1 beside the tile's q and outputs
+
+
+def prefill_attention(step: StepSpec) -> PrefillAttention:
+    c, isa = step.config, ISAS[step.isa]
+    vectors, regs = c.heads // c.kv_heads, isa.registers
+    # the most vectors per pass that leave room for two keys' sums, each pass's loads and a broadcast
+    passes = max(v for v in range(1, vectors + 1) if vectors % v == 0 and 3 * v + 1 <= regs or v == 1)
+    free = (regs - passes - 1) // passes
+    lanes = vectors * isa.vector_width
+    return PrefillAttention(
+        prototype=step_prototypes(step.name)[3].rstrip(";"), swiglu_prototype=step_prototypes(step.name)[4].rstrip(";"),
+        lanes=lanes, pass_vectors=passes,
+        key_unroll=max(1, min(8, free)), dim_unroll=max(u for u in (1, 2, 4, 8) if c.head_dim % u == 0 and u <= max(1, free)),
+        key_block=KEY_BLOCK, own_floats=offsets({"qt": c.head_dim * lanes, "sc": KEY_BLOCK * lanes,
+                                                 "ot": c.head_dim * lanes, "m": 4 * lanes})[1])
+
+
+@dataclass(frozen=True)
 class StepParams:
     """A decode step's constants: model sizes, the kernels of its products by segment of layers, its weight pointers
     and its scratch layout in floats."""
@@ -55,6 +88,8 @@ class StepParams:
     part_stride: int  # floats per (part, head) of attention: head_dim outputs, then its max score and sum of exps
     key_rows: int  # cache rows a group's query heads score at once: four independent sums at least
     key_prefetch: tuple[int, ...]  # bytes ahead of those rows that attention prefetches, one per line
+    qkv_rows: int  # floats per token of qkv's output
+    prefill: PrefillAttention
 
 
 @dataclass(frozen=True)
@@ -73,15 +108,18 @@ class Source:
         return "\n".join(self.prototypes.values())
 
 
-def step_prototypes(name: str) -> tuple[str, str, str]:
+def step_prototypes(name: str) -> tuple[str, ...]:
     """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
-    tokens and `threads` threads."""
+    tokens and `threads` threads; a prefill chunk's attention and its SwiGLU."""
     state = ("float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
              "float *logits, float *scratch, int threads")
     return (f"int {name}(const void *const *weights, const float *embedding, {state});",
             f"int {name}_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
             f"int stops, int *tokens, {state});",
-            f"size_t {name}_scratch(int context, int threads);")
+            f"size_t {name}_scratch(int context, int threads);",
+            f"int {name}_prefill_attention(const float *qkv, int n, int layer, float *k_cache, float *v_cache, "
+            f"const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads);",
+            f"void {name}_prefill_swiglu(const float *gate_up, int n, float *out, int threads);")
 
 
 def offsets(floats: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -117,7 +155,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
                                "xs": max(kernels[s].scratch for s in step.kernel_specs())})
     k_at, v_at = list(qkv.offsets(c).values())[1:]
     slot, per_layer = step.slots()
-    run, greedy, scratch = step_prototypes(step.name)
+    run, greedy, scratch, *_ = step_prototypes(step.name)
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), greedy_prototype=greedy.rstrip(";"),
         scratch_prototype=scratch.rstrip(";"), layers=c.layers,
@@ -127,7 +165,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         k_at=k_at, v_at=v_at, at=at, own=own, own_floats=own_floats,
         part_stride=offsets({"part": c.head_dim + 2})[1], key_rows=key_rows,
         key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * c.head_dim * 4, LINE)),
-        per_layer=per_layer, slot=slot)
+        per_layer=per_layer, slot=slot, qkv_rows=qkv.shape(c)[0], prefill=prefill_attention(step))
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:
@@ -162,6 +200,6 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
                                                               header=ISAS[isa].header, vnni=ISAS[isa].vnni)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
-        (prototypes[step.name], prototypes[step.name + "_greedy"],
-         prototypes[step.name + "_scratch"]) = step_prototypes(step.name)
+        names = ("", "_greedy", "_scratch", "_prefill_attention", "_prefill_swiglu")
+        prototypes |= {step.name + suffix: p for suffix, p in zip(names, step_prototypes(step.name))}
     return Source(text=text, isa=isa, target=target, prototypes=prototypes)

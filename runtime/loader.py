@@ -112,6 +112,8 @@ class Step:
     _fn: object
     _greedy: object
     _scratch: object
+    _attention: object
+    _swiglu: object
     _ffi: cffi.FFI
 
     @property
@@ -206,6 +208,37 @@ class BoundStep:
                                 context, self._cast(logits), scratch, threads)
         return logits, greedy
 
+    def attention(self, qkv: np.ndarray, layer: int, k_cache, v_cache, rope_cos, rope_sin, pos: int,
+                  threads: int | None = None) -> np.ndarray:
+        """The attention of a prefill chunk at pos.. in layer `layer`: qkv (n, qkv's rows) is the chunk's qkv product;
+        rotates q and k and appends k and v to the caches; returns (n, heads · head_dim)."""
+        c, ffi = self._step.spec.config, self._step._ffi
+        if not 0 <= layer < c.layers:
+            raise ValueError(f"layer {layer} is outside the {c.layers} layers")
+        n = qkv.shape[0] if isinstance(qkv, np.ndarray) and qkv.ndim == 2 else 0
+        _floats(qkv, (n, (c.heads + 2 * c.kv_heads) * c.head_dim), "qkv")
+        if n < 1:
+            raise ValueError("qkv: at least one token expected")
+        k, v, cos, sin, _, context, _, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos, threads, n)
+        att = np.empty((n, c.heads * c.head_dim), np.float32)
+        if self._step._attention(ffi.from_buffer("float[]", qkv), n, layer, k, v, cos, sin, pos, context,
+                                 self._cast(att), threads):
+            raise MemoryError(f"prefill attention of {n} tokens: out of memory")
+        return att
+
+    def swiglu(self, gate_up: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """silu(gate)·up of a prefill chunk's gate_up product (n, 2 · intermediate), whose columns interleave gate's
+        and up's: (n, intermediate)."""
+        inter, ffi = self._step.spec.config.intermediate, self._step._ffi
+        n = gate_up.shape[0] if isinstance(gate_up, np.ndarray) and gate_up.ndim == 2 else 0
+        _floats(gate_up, (n, 2 * inter), "gate_up")
+        threads = self.threads if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads={threads}: at least 1")
+        out = np.empty((n, inter), np.float32)
+        self._step._swiglu(ffi.from_buffer("float[]", gate_up), n, self._cast(out), threads)
+        return out
+
     def greedy(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
                rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
         """Up to n greedy tokens after `token` at pos (embeddings: the table, (vocab, hidden)), ending early after a
@@ -255,5 +288,6 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]],
     gemv = {k.spec: k for k in loaded.values() if k.spec.kind == "gemv"}
     for step in steps:
         loaded[step.name] = Step(step, {spec: gemv[spec] for spec in step.kernel_specs()}, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
-                                 getattr(lib, step.name + "_scratch"), ffi)
+                                 getattr(lib, step.name + "_scratch"), getattr(lib, step.name + "_prefill_attention"),
+                                 getattr(lib, step.name + "_prefill_swiglu"), ffi)
     return loaded

@@ -300,37 +300,49 @@ class Model:
     def _forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool) -> np.ndarray:
         c, th = self.config, self.threads
         n, pos = len(tokens), state.pos
-        hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
-        k_at, v_at = list(ROLES[ROLE_NAMES.index("qkv")].offsets(c).values())[1:]  # where qkv's k and v rows start
         x = self.w.embed[tokens]  # (T, hidden) token embeddings
-        causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions
         for i, (layer, lin) in enumerate(zip(self.w.layers, self.linears)):
             # attention: q, k, v of the normed input, rotated, k and v appended to the cache
             h = rms_norm(x, layer.attn_norm, c.rms_eps)
             qkv = lin["qkv"](h, th)
-            q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
-            k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
-            v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
-            state.k[i, :, pos:pos + n] = self._rope(k, state)
-            state.v[i, :, pos:pos + n] = v
-            q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
-            scores = q @ state.k[i, :, :pos + n].transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
-            scores = scores.reshape(kvh, heads // kvh, n, pos + n)
-            scores[..., causal] = -np.inf
-            scores = np.exp(scores - scores.max(-1, keepdims=True))
-            scores /= scores.sum(-1, keepdims=True)
-            att = scores.reshape(kvh, -1, pos + n) @ state.v[i, :, :pos + n]  # (kvh, group·T, hd)
-            att = att.reshape(heads, n, hd).transpose(1, 0, 2).reshape(n, heads * hd)
-            x = x + lin["o"](att, th)
+            # the generated step's attention and SwiGLU run on every core (numpy's on one), the attention over
+            # the causal blocks only, in one pass
+            if self.step is not None:
+                x = x + lin["o"](self.step.attention(qkv, i, state.k, state.v, state.cos, state.sin, pos, th), th)
+            else:
+                x = x + lin["o"](self._attention(qkv, i, state), th)
             # feed-forward: SwiGLU of the normed input
             h = rms_norm(x, layer.ffn_norm, c.rms_eps)
             gate_up = lin["gate_up"](h, th)
-            gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
-            x = x + lin["down"](gate / (1.0 + np.exp(-gate)) * up, th)
+            if self.step is not None:
+                x = x + lin["down"](self.step.swiglu(gate_up, th), th)
+            else:
+                gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+                x = x + lin["down"](gate / (1.0 + np.exp(-gate)) * up, th)
         state.pos += n
         x = rms_norm(x if all_logits else x[-1:], self.w.norm, c.rms_eps)
         logits = self.head(x, th)  # (T or 1, vocab)
         return logits if all_logits else logits[0]
+
+    def _attention(self, qkv: np.ndarray, i: int, state: RunState) -> np.ndarray:
+        """Layer i's attention of a chunk at state.pos in numpy: q, k, v rotated, k and v appended to the cache."""
+        c, n, pos = self.config, qkv.shape[0], state.pos
+        hd, heads, kvh = c.head_dim, c.heads, c.kv_heads
+        k_at, v_at = list(ROLES[ROLE_NAMES.index("qkv")].offsets(c).values())[1:]  # where qkv's k and v rows start
+        causal = np.arange(pos + n)[None, :] > np.arange(pos, pos + n)[:, None]  # (T, S) future positions
+        q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
+        k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
+        v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
+        state.k[i, :, pos:pos + n] = self._rope(k, state)
+        state.v[i, :, pos:pos + n] = v
+        q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
+        scores = q @ state.k[i, :, :pos + n].transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
+        scores = scores.reshape(kvh, heads // kvh, n, pos + n)
+        scores[..., causal] = -np.inf
+        scores = np.exp(scores - scores.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+        att = scores.reshape(kvh, -1, pos + n) @ state.v[i, :, :pos + n]  # (kvh, group·T, hd)
+        return att.reshape(heads, n, hd).transpose(1, 0, 2).reshape(n, heads * hd)
 
     def prefill(self, tokens: list[int], state: RunState) -> np.ndarray:
         """Logits after the last prompt token; the prompt goes through in chunks."""

@@ -1,4 +1,5 @@
-"""The generated decode step (every layer and the head for one token, in C) matches the Python forward pass.
+"""The generated decode step (every layer and the head for one token, in C) matches the Python forward pass, and
+so do the parts of a prefill chunk it generates beside the products (attention, SwiGLU).
 
 Tiny random models with ragged sizes (hidden 72 is no multiple of 64; 3 query heads share 1 key/value
 head) in several formats, on every ISA (AVX-512 through SIMD Everywhere where the CPU lacks it). The
@@ -115,6 +116,36 @@ def test_step_matches_python_forward(isa, fmt, size):
     np.testing.assert_allclose(v, ref_state.v, rtol=0, atol=1e-4 * np.abs(ref_state.v).max())
 
 
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_prefill_attention_and_swiglu_match_numpy(isa, size):
+    """Chunks of 1 to 37 tokens (across vector widths of tokens and key blocks) at positions 0 to 99 of a cache
+    already holding other positions: q and k rotated, k and v appended, causal softmax; SwiGLU of interleaved
+    columns."""
+    if not runnable(isa):
+        pytest.skip(skip_reason(isa))
+    step = step_spec(size, FORMATS["q4g32-int8"], isa)
+    quantized, final, head, reference = random_model(step)
+    run, ref, c = bound(build(step), quantized, final, head), Model(reference, None), step.config
+    rng = np.random.default_rng(2)
+    for pos, n in ((0, 1), (0, 19), (50, 37), (99, 1), (3, 70)):
+        state = ref.new_state(100 if pos + n <= 100 else 128)
+        state.k[:] = rng.standard_normal(state.k.shape)
+        state.v[:] = rng.standard_normal(state.v.shape)
+        k, v = state.k.copy(), state.v.copy()
+        qkv = rng.standard_normal((n, (c.heads + 2 * c.kv_heads) * c.head_dim)).astype(np.float32)
+        state.pos = pos
+        layer = n % c.layers
+        want = ref._attention(qkv, layer, state)
+        got = run.attention(qkv, layer, k, v, state.cos, state.sin, pos, threads=1 + n % 2)
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max(), err_msg=f"pos {pos} n {n}")
+        np.testing.assert_allclose(k, state.k, rtol=0, atol=1e-6 * np.abs(state.k).max())
+        np.testing.assert_array_equal(v, state.v)
+    gate_up = rng.standard_normal((7, 2 * c.intermediate)).astype(np.float32) * 4
+    gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
+    np.testing.assert_allclose(run.swiglu(gate_up, threads=2), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     step = step_spec("gqa", QuantSpec(), "scalar")
@@ -146,6 +177,15 @@ def test_step_refuses_bad_weights_and_positions(tiny):
         run(x[:-1], k, v, rope, rope, 0)
     with pytest.raises(ValueError, match="threads=0"):
         run(x, k, v, rope, rope, 0, threads=0)
+    qkv = np.zeros((3, (step.config.heads + 2 * step.config.kv_heads) * step.config.head_dim), np.float32)
+    with pytest.raises(ValueError, match="position 4 is outside the context of 4"):
+        run.attention(qkv, 0, k, v, rope, rope, 2)
+    with pytest.raises(ValueError, match="layer 2 is outside the 2 layers"):
+        run.attention(qkv, 2, k, v, rope, rope, 0)
+    with pytest.raises(ValueError, match="qkv: a C-contiguous float32 array"):
+        run.attention(qkv[:, :-1], 0, k, v, rope, rope, 0)
+    with pytest.raises(ValueError, match="gate_up: a C-contiguous float32 array"):
+        run.swiglu(qkv)
 
 
 def test_greedy_loop_matches_single_steps(tiny):

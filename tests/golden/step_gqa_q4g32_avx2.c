@@ -820,3 +820,259 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(
 }
 
 
+
+/* Prefill attention of layer `layer` for the chunk of n tokens at pos..pos + n - 1: qkv (n, q·k·v rows) is the chunk's
+   qkv product. Rotates q and k, appends k and v to the caches, then computes softmax(q·Kᵀ/sqrt(head_dim))·V causally
+   over positions 0..pos + n - 1 into att (n, heads · head_dim). Tiles of 24 lanes: a key/value head's
+   3 query heads × VW tokens, one lane each, so every score, exp and product is a vector op; keys in
+   blocks of 64 with an online softmax (running max and sum per lane). Returns -1 when out of memory. */
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_attention(const float *qkv, int n, int layer, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads)
+{
+    const size_t head_stride = (size_t)context * 24;
+    float *kc = k_cache + (size_t)layer * 1 * head_stride;
+    float *vc = v_cache + (size_t)layer * 1 * head_stride;
+    const int blocks = (n + VW - 1) / VW;
+    float *qr = qigen_alloc(sizeof(float) * ((size_t)n * 72 + (size_t)threads * 2784));
+    if (!qr)
+        return -1;
+    float *owns = qr + (size_t)n * 72;
+#pragma omp parallel num_threads(threads)
+    {
+        /* q rotated into qr, k rotated and v into the caches at pos + j */
+#pragma omp for
+        for (int j = 0; j < n; j++) {
+            const float *cs = rope_cos + (size_t)(pos + j) * 12, *sn = rope_sin + (size_t)(pos + j) * 12;
+            const float *row = qkv + (size_t)j * 120;
+            float *qj = qr + (size_t)j * 72;
+            memcpy(qj, row, sizeof(float) * 72);
+            for (int h = 0; h < 3; h++)
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(qj + h * 24, cs, sn);
+            for (int g = 0; g < 1; g++) {
+                float *kt = kc + g * head_stride + (size_t)(pos + j) * 24;
+                memcpy(kt, row + 72 + g * 24, sizeof(float) * 24);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(kt, cs, sn);
+                memcpy(vc + g * head_stride + (size_t)(pos + j) * 24, row + 96 + g * 24,
+                       sizeof(float) * 24);
+            }
+        }
+        float *own = owns + (size_t)omp_get_thread_num() * 2784;
+        float *qt = own, *sc = qt + 576, *ot = sc + 1536;
+        float *m = ot + 576, *l = m + 24, *mx = l + 24, *alpha = mx + 24;
+        /* the last tokens' tiles first: they see the most keys */
+#pragma omp for schedule(dynamic, 1)
+        for (int u = 0; u < blocks * 1; u++) {
+            const int b = blocks - 1 - u / 1, g = u % 1;
+            const int j0 = b * VW, nq = n - j0 < VW ? n - j0 : VW, kend = pos + j0 + nq;
+            const float *kh = kc + g * head_stride, *vh = vc + g * head_stride;
+            /* lane h·VW + i: query head g·3 + h of token j0 + i; lanes past the chunk hold zeros */
+            for (int d = 0; d < 24; d++)
+                for (int h = 0; h < 3; h++)
+                    for (int i = 0; i < VW; i++)
+                        qt[d * 24 + h * VW + i] = i < nq ? qr[((size_t)(j0 + i) * 3 + g * 3 + h) * 24 + d] : 0.0f;
+            for (int r = 0; r < 24; r++) {
+                m[r] = -INFINITY;
+                l[r] = 0.0f;
+            }
+            memset(ot, 0, sizeof(float) * 576);
+            for (int t0 = 0; t0 < kend; t0 += 64) {
+                const int kb = kend - t0 < 64 ? kend - t0 : 64;
+                /* sc[k][lane] = q·k / sqrt(head_dim) */
+                for (int p = 0; p < 3; p += 3) {
+                    int k = 0;
+            for (; k + 4 <= kb; k += 4) {
+                const float *k0 = kh + (size_t)(t0 + k + 0) * 24;
+                vf a0_0 = vf_zero();
+                vf a0_1 = vf_zero();
+                vf a0_2 = vf_zero();
+                const float *k1 = kh + (size_t)(t0 + k + 1) * 24;
+                vf a1_0 = vf_zero();
+                vf a1_1 = vf_zero();
+                vf a1_2 = vf_zero();
+                const float *k2 = kh + (size_t)(t0 + k + 2) * 24;
+                vf a2_0 = vf_zero();
+                vf a2_1 = vf_zero();
+                vf a2_2 = vf_zero();
+                const float *k3 = kh + (size_t)(t0 + k + 3) * 24;
+                vf a3_0 = vf_zero();
+                vf a3_1 = vf_zero();
+                vf a3_2 = vf_zero();
+                for (int d = 0; d < 24; d++) {
+                    const vf q0 = vf_load(qt + d * 24 + (p + 0) * VW);
+                    const vf q1 = vf_load(qt + d * 24 + (p + 1) * VW);
+                    const vf q2 = vf_load(qt + d * 24 + (p + 2) * VW);
+                    {
+                        const vf b = vf_set1(k0[d]);
+                        a0_0 = vf_fma(q0, b, a0_0);
+                        a0_1 = vf_fma(q1, b, a0_1);
+                        a0_2 = vf_fma(q2, b, a0_2);
+                    }
+                    {
+                        const vf b = vf_set1(k1[d]);
+                        a1_0 = vf_fma(q0, b, a1_0);
+                        a1_1 = vf_fma(q1, b, a1_1);
+                        a1_2 = vf_fma(q2, b, a1_2);
+                    }
+                    {
+                        const vf b = vf_set1(k2[d]);
+                        a2_0 = vf_fma(q0, b, a2_0);
+                        a2_1 = vf_fma(q1, b, a2_1);
+                        a2_2 = vf_fma(q2, b, a2_2);
+                    }
+                    {
+                        const vf b = vf_set1(k3[d]);
+                        a3_0 = vf_fma(q0, b, a3_0);
+                        a3_1 = vf_fma(q1, b, a3_1);
+                        a3_2 = vf_fma(q2, b, a3_2);
+                    }
+                }
+                vf_store(sc + (k + 0) * 24 + (p + 0) * VW, vf_mul(a0_0, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 0) * 24 + (p + 1) * VW, vf_mul(a0_1, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 0) * 24 + (p + 2) * VW, vf_mul(a0_2, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 1) * 24 + (p + 0) * VW, vf_mul(a1_0, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 1) * 24 + (p + 1) * VW, vf_mul(a1_1, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 1) * 24 + (p + 2) * VW, vf_mul(a1_2, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 2) * 24 + (p + 0) * VW, vf_mul(a2_0, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 2) * 24 + (p + 1) * VW, vf_mul(a2_1, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 2) * 24 + (p + 2) * VW, vf_mul(a2_2, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 3) * 24 + (p + 0) * VW, vf_mul(a3_0, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 3) * 24 + (p + 1) * VW, vf_mul(a3_1, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 3) * 24 + (p + 2) * VW, vf_mul(a3_2, vf_set1(0.2041241452319315f)));
+            }
+            for (; k + 1 <= kb; k += 1) {
+                const float *k0 = kh + (size_t)(t0 + k + 0) * 24;
+                vf a0_0 = vf_zero();
+                vf a0_1 = vf_zero();
+                vf a0_2 = vf_zero();
+                for (int d = 0; d < 24; d++) {
+                    const vf q0 = vf_load(qt + d * 24 + (p + 0) * VW);
+                    const vf q1 = vf_load(qt + d * 24 + (p + 1) * VW);
+                    const vf q2 = vf_load(qt + d * 24 + (p + 2) * VW);
+                    {
+                        const vf b = vf_set1(k0[d]);
+                        a0_0 = vf_fma(q0, b, a0_0);
+                        a0_1 = vf_fma(q1, b, a0_1);
+                        a0_2 = vf_fma(q2, b, a0_2);
+                    }
+                }
+                vf_store(sc + (k + 0) * 24 + (p + 0) * VW, vf_mul(a0_0, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 0) * 24 + (p + 1) * VW, vf_mul(a0_1, vf_set1(0.2041241452319315f)));
+                vf_store(sc + (k + 0) * 24 + (p + 2) * VW, vf_mul(a0_2, vf_set1(0.2041241452319315f)));
+            }
+                }
+                if (t0 + kb - 1 > pos + j0)  /* keys after some lane's token: masked */
+                    for (int k = 0; k < kb; k++)
+#pragma omp simd
+                        for (int r = 0; r < 24; r++)
+                            sc[k * 24 + r] = t0 + k > pos + j0 + r % VW ? -INFINITY : sc[k * 24 + r];
+                /* online softmax: the running max m, the exps against it (in sc), the running sum l; ot rescaled */
+#pragma omp simd
+                for (int r = 0; r < 24; r++)
+                    mx[r] = m[r];
+                for (int k = 0; k < kb; k++)
+#pragma omp simd
+                    for (int r = 0; r < 24; r++)
+                        mx[r] = sc[k * 24 + r] > mx[r] ? sc[k * 24 + r] : mx[r];
+#pragma omp simd
+                for (int r = 0; r < 24; r++) {
+                    alpha[r] = qigen_exp(m[r] - mx[r]);  /* (e^-87 against the first block's -inf: 0 · it) */
+                    l[r] *= alpha[r];
+                    m[r] = mx[r];
+                }
+                for (int d = 0; d < 24; d++)
+#pragma omp simd
+                    for (int r = 0; r < 24; r++)
+                        ot[d * 24 + r] *= alpha[r];
+                for (int k = 0; k < kb; k++)
+#pragma omp simd
+                    for (int r = 0; r < 24; r++) {
+                        const float e = qigen_exp(sc[k * 24 + r] - m[r]);
+                        sc[k * 24 + r] = e;
+                        l[r] += e;
+                    }
+                /* ot[d][lane] += Σ_k e[k][lane] · v[k][d], dims in units of 4 */
+                for (int p = 0; p < 3; p += 3)
+                    for (int d = 0; d < 24; d += 4) {
+                        vf a0_0 = vf_load(ot + (d + 0) * 24 + (p + 0) * VW);
+                        vf a0_1 = vf_load(ot + (d + 0) * 24 + (p + 1) * VW);
+                        vf a0_2 = vf_load(ot + (d + 0) * 24 + (p + 2) * VW);
+                        vf a1_0 = vf_load(ot + (d + 1) * 24 + (p + 0) * VW);
+                        vf a1_1 = vf_load(ot + (d + 1) * 24 + (p + 1) * VW);
+                        vf a1_2 = vf_load(ot + (d + 1) * 24 + (p + 2) * VW);
+                        vf a2_0 = vf_load(ot + (d + 2) * 24 + (p + 0) * VW);
+                        vf a2_1 = vf_load(ot + (d + 2) * 24 + (p + 1) * VW);
+                        vf a2_2 = vf_load(ot + (d + 2) * 24 + (p + 2) * VW);
+                        vf a3_0 = vf_load(ot + (d + 3) * 24 + (p + 0) * VW);
+                        vf a3_1 = vf_load(ot + (d + 3) * 24 + (p + 1) * VW);
+                        vf a3_2 = vf_load(ot + (d + 3) * 24 + (p + 2) * VW);
+                        for (int k = 0; k < kb; k++) {
+                            const float *vr = vh + (size_t)(t0 + k) * 24 + d;
+                            const vf e0 = vf_load(sc + k * 24 + (p + 0) * VW);
+                            const vf e1 = vf_load(sc + k * 24 + (p + 1) * VW);
+                            const vf e2 = vf_load(sc + k * 24 + (p + 2) * VW);
+                            {
+                                const vf b = vf_set1(vr[0]);
+                                a0_0 = vf_fma(e0, b, a0_0);
+                                a0_1 = vf_fma(e1, b, a0_1);
+                                a0_2 = vf_fma(e2, b, a0_2);
+                            }
+                            {
+                                const vf b = vf_set1(vr[1]);
+                                a1_0 = vf_fma(e0, b, a1_0);
+                                a1_1 = vf_fma(e1, b, a1_1);
+                                a1_2 = vf_fma(e2, b, a1_2);
+                            }
+                            {
+                                const vf b = vf_set1(vr[2]);
+                                a2_0 = vf_fma(e0, b, a2_0);
+                                a2_1 = vf_fma(e1, b, a2_1);
+                                a2_2 = vf_fma(e2, b, a2_2);
+                            }
+                            {
+                                const vf b = vf_set1(vr[3]);
+                                a3_0 = vf_fma(e0, b, a3_0);
+                                a3_1 = vf_fma(e1, b, a3_1);
+                                a3_2 = vf_fma(e2, b, a3_2);
+                            }
+                        }
+                        vf_store(ot + (d + 0) * 24 + (p + 0) * VW, a0_0);
+                        vf_store(ot + (d + 0) * 24 + (p + 1) * VW, a0_1);
+                        vf_store(ot + (d + 0) * 24 + (p + 2) * VW, a0_2);
+                        vf_store(ot + (d + 1) * 24 + (p + 0) * VW, a1_0);
+                        vf_store(ot + (d + 1) * 24 + (p + 1) * VW, a1_1);
+                        vf_store(ot + (d + 1) * 24 + (p + 2) * VW, a1_2);
+                        vf_store(ot + (d + 2) * 24 + (p + 0) * VW, a2_0);
+                        vf_store(ot + (d + 2) * 24 + (p + 1) * VW, a2_1);
+                        vf_store(ot + (d + 2) * 24 + (p + 2) * VW, a2_2);
+                        vf_store(ot + (d + 3) * 24 + (p + 0) * VW, a3_0);
+                        vf_store(ot + (d + 3) * 24 + (p + 1) * VW, a3_1);
+                        vf_store(ot + (d + 3) * 24 + (p + 2) * VW, a3_2);
+                    }
+            }
+            for (int i = 0; i < nq; i++)
+                for (int h = 0; h < 3; h++) {
+                    float *out = att + ((size_t)(j0 + i) * 3 + g * 3 + h) * 24;
+                    const float r = 1.0f / l[h * VW + i];
+                    for (int d = 0; d < 24; d++)
+                        out[d] = ot[d * 24 + h * VW + i] * r;
+                }
+        }
+    }
+    free(qr);
+    return 0;
+}
+
+/* SwiGLU of a prefill chunk: out (n, 100) = silu(gate)·up from gate_up (n, 200), whose columns
+   interleave gate's and up's */
+void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_swiglu(const float *gate_up, int n, float *out, int threads)
+{
+#pragma omp parallel for num_threads(threads)
+    for (int j = 0; j < n; j++) {
+        const float *g = gate_up + (size_t)j * 200;
+        float *o = out + (size_t)j * 100;
+#pragma omp simd
+        for (int i = 0; i < 100; i++)
+            o[i] = g[2 * i] / (1.0f + qigen_exp(-g[2 * i])) * g[2 * i + 1];
+    }
+}
+
+
