@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import bandwidth
+from runtime import bandwidth, peak
 from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
@@ -39,8 +39,9 @@ def info(args: argparse.Namespace) -> dict:
     if args.measure:
         if not host.native:
             raise SpecError("--measure probes this machine: use it with --target native")
-        print("measuring read bandwidth (a few seconds)...", file=sys.stderr)
+        print("measuring read bandwidth and compute peaks (a few seconds)...", file=sys.stderr)
         bandwidth.measure()
+        peak.measure()
     if host.native:
         host = bandwidth.measured(host)
     isa = best_isa(host)
@@ -50,6 +51,7 @@ def info(args: argparse.Namespace) -> dict:
         "host": host.to_dict(),
         "isa": isa,
         "read_bandwidth": {str(t): v for t, v in host.bandwidth} or None,
+        "compute_peaks": {str(t): v for t, v in (peak.stored(host) or {}).items()} or None if host.native else None,
         "example": {"spec": example.name, "schedule": best.schedule.to_dict(),
                     "predicted_s": best.prediction.seconds,
                     "bandwidth_assumed": model_bandwidth(host, host.cores)},
@@ -66,6 +68,10 @@ def print_info(d: dict) -> None:
     print("bandwidth  " + (", ".join(f"{t} thread{'s' * (t != '1')}: {_gb(v)}" for t, v in bw.items()) if bw
                            else "not measured (run `qigen info --measure`); the model assumes "
                                 + _gb(d["example"]["bandwidth_assumed"])))
+    peaks = d["compute_peaks"]
+    print("peaks      " + ("; ".join(f"{t} thread{'s' * (t != '1')}: {v['fp32'] / 1e9:.0f} GFLOP/s fp32, "
+                                    f"{v['int8'] / 1e9:.0f} GOP/s int8" for t, v in peaks.items()) if peaks
+                           else "not measured (run `qigen info --measure`)"))
     ex = d["example"]
     print(f"generates  {d['isa']} kernels; e.g. {ex['spec']} → schedule "
           + ", ".join(f"{k}={v}" for k, v in ex["schedule"].items())
@@ -186,7 +192,7 @@ def parser() -> argparse.ArgumentParser:
     target_help = f"LLVM CPU name ({', '.join(known_targets())})"
     i = sub.add_parser("info", help="what this CPU is and what qigen generates for it")
     i.add_argument("--target", default="native", help=target_help)
-    i.add_argument("--measure", action="store_true", help="measure the read bandwidth (1 and all threads) and keep it")
+    i.add_argument("--measure", action="store_true", help="measure the read bandwidth and the fp32 / int8 compute peaks (1 and all threads) and keep them")
     i.add_argument("--json", action="store_true", help="one JSON object on stdout")
     g = sub.add_parser("generate", help="generate, compile and write a kernel set")
     g.add_argument("--target", default="native", help=target_help)

@@ -21,7 +21,7 @@ from perfmodel.host import Host, from_target
 from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
 from qigen.quant import relative_error
 from qigen.render import Source, render
-from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, kernel_name
+from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, best_isa, kernel_name
 from runtime import bandwidth
 from runtime.compiler import Built, atomic_write, build as build_source, compile, stage
 from runtime.loader import Kernel, LoadError, Step, load as load_library
@@ -49,10 +49,6 @@ class Request:
     tune: bool = False
     max_error: float | None = None
     weights: dict[tuple[int, int], np.ndarray] | None = None  # real weights per shape, for the error
-
-
-def best_isa(host: Host) -> str:
-    return next(isa.name for isa in ISAS.values() if host.has(*isa.features))
 
 
 def _isa(request: Request, host: Host) -> str:

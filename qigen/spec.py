@@ -60,6 +60,11 @@ ISAS = {isa.name: isa for isa in (  # best first
 )}
 
 
+def best_isa(host) -> str:
+    """The first ISA (best first) whose features a perfmodel Host has."""
+    return next(isa.name for isa in ISAS.values() if host.has(*isa.features))
+
+
 @dataclass(frozen=True)
 class ScaleDtype:
     name: str

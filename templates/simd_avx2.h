@@ -30,6 +30,11 @@ static inline vi vi_dot8(vi w, vi x)
 }
 static inline vi vi_add32(vi a, vi b) { return _mm256_add_epi32(a, b); }
 #ifdef QIGEN_VNNI
-/* AVX-VNNI (VEX-encoded, client CPUs): per int32 lane, s + the four u8 x s8 byte products */
-static inline vi vi_dpbusd(vi s, vi u, vi x) { return _mm256_dpbusd_avx_epi32(s, u, x); }
+/* AVX-VNNI (VEX-encoded, client CPUs): per int32 lane, s + the four u8 x s8 byte products. In asm, as in
+   simd_avx512.h: gcc 12 copies the accumulator around the intrinsic */
+static inline vi vi_dpbusd(vi s, vi u, vi x)
+{
+    __asm__("%{vex%} vpdpbusd %2, %1, %0" : "+x"(s) : "x"(u), "x"(x));
+    return s;
+}
 #endif

@@ -101,9 +101,10 @@ def test_info_text(capsys, cache):
     code, out, _ = _qigen(capsys, "info")
     assert code == 0
     lines = dict(line.split(None, 1) for line in out.splitlines())
-    assert set(lines) == {"cpu", "cores", "features", "caches", "bandwidth", "generates"}
+    assert set(lines) == {"cpu", "cores", "features", "caches", "bandwidth", "peaks", "generates"}
     assert f"L1d {HOST.l1d >> 10} KiB" in lines["caches"]
-    assert "not measured" in lines["bandwidth"] and lines["generates"].startswith(f"{ISA} kernels")
+    assert "not measured" in lines["bandwidth"] and "not measured" in lines["peaks"]
+    assert lines["generates"].startswith(f"{ISA} kernels")
 
 
 def test_info_named_target(capsys, cache):

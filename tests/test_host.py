@@ -146,3 +146,11 @@ def test_target_table_matches_llvm_codegen(name):
     machine = llvm.Target.from_triple("x86_64-unknown-linux-gnu").create_target_machine(cpu=name)
     emitted = {f for f, (ir, witness) in CODEGEN_WITNESS.items() if witness in machine.emit_assembly(llvm.parse_assembly(ir))}
     assert emitted == from_target(name).features & CODEGEN_WITNESS.keys()
+
+
+def test_compute_peak_probe_counts_operations():
+    """The probe compiles for this host's best ISA and reports positive fp32 and int8 rates, per thread count."""
+    from runtime import peak
+
+    found = peak.probe([1], reps=1)
+    assert set(found) == {1} and found[1]["fp32"] > 1e9 and found[1]["int8"] > 1e9

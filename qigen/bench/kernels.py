@@ -2,7 +2,7 @@
 
 Decode (batch 1, matrix-vector): GB/s of packed data streamed against the read bandwidth probed right
 before and after each measurement, and the performance model's prediction. Prefill (batch > 1,
-matrix-matrix): GFLOP/s. Baselines on the same shapes, in the same run: torch fp32 (`F.linear`), torch
+matrix-matrix): GFLOP/s against the fp32 or int8 compute peak measured in the same run. Baselines on the same shapes, in the same run: torch fp32 (`F.linear`), torch
 bf16 where torch has fast bf16 on this CPU, torch's dynamic int8 Linear, and numpy fp32. Every timing
 streams weights from memory: copies rotate until they exceed twice the L3.
 """
@@ -26,7 +26,7 @@ from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, o
 from qigen.options import add_activations, add_format, comma_list, positive, threads
 from qigen.pipeline import TUNE_TOP, best_isa, build
 from qigen.spec import BITS, MAX_BATCH, KernelSpec, SpecError, activations, activations_help, choose_family, kernel_name
-from runtime import bandwidth
+from runtime import bandwidth, peak
 from runtime.loader import Kernel
 from runtime.timing import time_call, time_kernel
 
@@ -109,8 +109,10 @@ def result(impl: str, rows: int, cols: int, n: int, threads: int | None, times: 
 
 @dataclass(frozen=True)
 class Bench:
-    """What every measurement shares: the machine (with the read bandwidth this run measured) and the repeats."""
+    """What every measurement shares: the machine (with the read bandwidth this run measured), the compute peaks
+    this run measured (operations/s by thread count and activation type) and the repeats."""
     host: Host
+    peaks: dict[int, dict[str, float]]
     repeats: int
 
     def qigen(self, kernel: Kernel, threads: int) -> dict:
@@ -123,9 +125,11 @@ class Bench:
                    pred.bytes)
         probes = [before, probe(threads)] if decode else []
         read = max(probes) if decode else read_bandwidth(self.host, threads)
+        peak = self.peaks[threads][spec.traits.activations]
         return r | {"bits": spec.bits, "group": spec.group, "activations": spec.traits.activations,
                     "kernel": kernel.name, "predicted_s": pred.seconds, "bandwidth_probes": probes,
-                    "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read}
+                    "bandwidth_pct": 100 * pred.bytes / r["median_s"] / read,
+                    "peak_pct": 100 * r["gflop_per_s"] * 1e9 / peak}
 
     def baseline(self, impl: str, rows: int, cols: int, n: int, threads: int | None) -> dict:
         """One of BASELINES on random weights, rotating copies that exceed 2x L3 like time_kernel."""
@@ -218,13 +222,13 @@ def tables(records: list[dict], impls: list[str]) -> dict[str, tuple[list[str], 
             decode.append(common + [f"{r['gb_per_s']:.1f}", f"{r['bandwidth_pct']:.0f}%",
                                     f"{r['predicted_s'] * 1e3:.3f}", *ratios])
         else:
-            prefill.append(common[:1] + [r["n"]] + common[1:] + [f"{r['gflop_per_s']:.1f}",
+            prefill.append(common[:1] + [r["n"]] + common[1:] + [f"{r['gflop_per_s']:.1f}", f"{r['peak_pct']:.0f}%",
                                                                  f"{r['predicted_s'] * 1e3:.3f}", *ratios])
     speedups = [f"vs {i}" for i in others]
     return {"Decode (matrix-vector)": (["shape", "bits", "group", "x", "threads", "ms", "spread", "GB/s", "% bw",
                                        "pred ms", *speedups], decode),
             "Prefill (matrix-matrix)": (["shape", "n", "bits", "group", "x", "threads", "ms", "spread", "GFLOP/s",
-                                         "pred ms", *speedups], prefill),
+                                         "% peak", "pred ms", *speedups], prefill),
             "Baselines": (["shape", "n", "impl", "threads", "ms", "spread", "GB/s", "GFLOP/s"], base)}
 
 
@@ -273,6 +277,8 @@ def run(args: argparse.Namespace) -> dict:
     impls = baselines()
     log("measuring the read bandwidth (1 and all cores) for this run")
     host = bandwidth.measured(host, bandwidth.measure())
+    log("measuring the fp32 and int8 compute peaks (1 and all cores) for this run")
+    peaks = peak.measure(sorted(set(p.threads) | {1, host.cores}))
     isa = best_isa(host)
     grid = specs(p, isa)
     if not grid:
@@ -280,20 +286,26 @@ def run(args: argparse.Namespace) -> dict:
     log(f"compiling {len(grid)} kernels" + (f" and timing the {TUNE_TOP} best predicted schedules of each" if p.tune else ""))
     lib = build(grid, host, max(p.threads), tune=p.tune, repeats=p.repeats, progress=log)
     kernels = lib.kernels
-    records = Progress(tasks(p, kernels, Bench(host, p.repeats), impls)).run()
+    records = Progress(tasks(p, kernels, Bench(host, peaks, p.repeats), impls)).run()
     noisy = noisy_note(records, lambda r: [r["spread"]])
     sections = tables(records, impls)
     bw = ", ".join(f"{t} thread{'s' * (t > 1)} {v / 1e9:.1f} GB/s" for t, v in host.bandwidth)
-    header = (f"{host.model} ({host.name}, {host.cores} cores, {isa}); read bandwidth {bw} (measured by this run); "
+    top = ", ".join(f"{t} thread{'s' * (t > 1)} {v['fp32'] / 1e9:.0f} fp32 / {v['int8'] / 1e9:.0f} int8 GOP/s"
+                    for t, v in sorted(peaks.items()))
+    header = (f"{host.model} ({host.name}, {host.cores} cores, {isa}); read bandwidth {bw}; compute peaks {top} "
+              f"(both measured by this run); "
               f"load average {info['load_average_start'][0]:.2f}; {p.repeats} repeats, median shown")
     notes = [f"x = activations ({activations_help()}). "
              "Decode: GB/s of packed weights (codes, scales, offsets) streamed; % bw = share of the read bandwidth "
              "probed right before and after the measurement, the higher of the two; pred = the performance model's "
-             "time. 'vs X' = X's time / qigen's time (above 1: "
+             "time. Prefill: % peak = GFLOP/s (a multiply-add is two operations) against the compute peak of its "
+             "activation type at its thread count (register-resident chains of FMAs, or of the int8 dot products the "
+             "kernels issue), measured by this run. 'vs X' = X's time / qigen's time (above 1: "
              "qigen is faster). Every timing rotates weight copies that exceed 2x L3, so weights stream from memory.",
              *([noisy] if noisy else [])]
     plotted = plot(records, p.threads, host, args.out / "kernels.png")
-    data = info | {"isa": isa, "measured_bandwidth": {str(t): v for t, v in host.bandwidth}, "plan": {
+    data = info | {"isa": isa, "measured_bandwidth": {str(t): v for t, v in host.bandwidth},
+                   "measured_peaks": {str(t): v for t, v in peaks.items()}, "plan": {
         "shapes": p.shapes, "formats": p.formats, "activations": p.activations, "batches": p.batches, "threads": p.threads, "repeats": p.repeats,
         "tune": p.tune}, "baselines": impls, "library": {"source_sha256": lib.source.hash, "kernels": [
             manifest(spec, lib.ranked[spec][:TUNE_TOP if p.tune else 1]) | {"chosen": k.name}
