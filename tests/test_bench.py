@@ -112,3 +112,36 @@ def test_summary_flags_noise():
     assert summary([1.0, 1.05, 1.02])["noisy"] is False
     s = summary([1.0, 1.5, 1.1])
     assert s["median"] == 1.1 and s["noisy"] and abs(s["spread"] - 0.5 / 1.1) < 1e-12
+
+
+FAKE_TOOLS = {  # llama.cpp's tools as far as the bench reads them: their arguments, output and files
+    "llama-quantize": 'cp "$2" "$3"',
+    "llama-bench": """cat <<'JSON'
+build: fake
+[{"n_prompt": 100, "n_gen": 0, "samples_ts": [500.0, 520.0]}, {"n_prompt": 0, "n_gen": 2, "samples_ts": [90.0, 110.0]}]
+JSON""",
+    "llama-perplexity": 'echo "perplexity: calculating perplexity over 1 chunks, n_ctx=32" >&2; '
+                        'echo "Final estimate: PPL = 12.3456 +/- 0.5" >&2',
+}
+
+
+def test_llama_cpp_baseline_takes_llama_benchs_numbers(tmp_path, monkeypatch):
+    """With llama-bench named, the llama.cpp rows come from llama.cpp's own tools: llama-quantize makes each type,
+    llama-bench gives the speeds (median of its repetitions), llama-perplexity the perplexity."""
+    for name, body in FAKE_TOOLS.items():
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("QIGEN_LLAMA_BENCH", str(tmp_path / "llama-bench"))
+    out = tmp_path / "out"
+    assert main(["bench", "model", "--bits", "8", "--group", "row", "--method", "rtn", "--threads", "1", "--repeat",
+                 "2", "--ctx", "32", "--max-windows", "1", "--tokens", "2", "--baselines", "llama.cpp",
+                 "-o", str(out)]) == 0
+    records = [r for r in validate(out)["model"]["records"] if r["kind"] == "llama.cpp"]
+    assert len(records) == 5 and not [r["error"] for r in records if "error" in r]
+    speed = records[0]["speed"]["1"]
+    assert speed["tool"] == "llama-bench" and speed["prompt_tokens_per_s"] == 510.0
+    assert speed["decode_tokens_per_s"] == 100.0 and speed["decode_runs"] == [90.0, 110.0]
+    assert records[0]["perplexity"] == 12.3456 and records[0]["tokens_scored"] == 15
+    monkeypatch.setenv("QIGEN_LLAMA_BENCH", str(tmp_path / "nowhere"))
+    with pytest.raises(BenchError, match="QIGEN_LLAMA_BENCH=.*nowhere is no executable file"):
+        baselines(("llama.cpp",), Path("model.gguf"))

@@ -5,7 +5,9 @@ GPL v3) and measured: file size, bits per weight, perplexity on the second half 
 decode tokens/s per thread count (median of --repeat runs), decode as a share of the rate the memory bandwidth
 measured in the same run allows, and the share of decode time in generated kernels. Baselines in the same run:
 the unquantized model in plain torch (fp32, and bf16 where torch has it natively), torch's dynamic int8, qigen's
-fp32 path and, when llama-cpp-python is installed, llama.cpp on the same GGUF in its nearest types.
+fp32 path and llama.cpp on the same GGUF in its nearest types: measured by llama.cpp's own tools (llama-bench,
+llama-quantize, llama-perplexity) when llama-bench is on PATH or named by $QIGEN_LLAMA_BENCH, else through
+llama-cpp-python when it is installed.
 """
 from __future__ import annotations
 
@@ -14,8 +16,12 @@ import contextlib
 import ctypes
 import functools
 import itertools
+import json
 import math
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -41,6 +47,62 @@ WARMUP_TOKENS = 2
 PPL_RANGE = 4  # the plots show perplexity up to this factor above the best: past it a format is unusable
 METHODS = ("rtn", "gptq")
 LLAMA_CPP_TYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15, "Q3_K_M": 12, "Q2_K": 10}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+LLAMA_BENCH = "QIGEN_LLAMA_BENCH"  # names llama.cpp's llama-bench; its llama-quantize and llama-perplexity beside it
+
+
+def llama_tools() -> Path | None:
+    """The directory of llama.cpp's own tools: $QIGEN_LLAMA_BENCH's, else that of llama-bench on PATH; None without."""
+    named = os.environ.get(LLAMA_BENCH)
+    if named:
+        if not (Path(named).is_file() and os.access(named, os.X_OK)):
+            raise BenchError(f"{LLAMA_BENCH}={named} is no executable file: name llama.cpp's llama-bench")
+        return Path(named).resolve().parent
+    found = shutil.which("llama-bench")
+    return Path(found).resolve().parent if found else None
+
+
+class LlamaTools:
+    """llama.cpp's own command-line tools in one directory (their shared libraries beside them)."""
+
+    def __init__(self, where: Path):
+        self.where = where
+
+    def run(self, tool: str, *args: str, timeout: float = 3600) -> str:
+        path = self.where / tool
+        if not path.is_file():
+            raise RuntimeError(f"{tool} is not beside llama-bench in {self.where}")
+        env = os.environ | {"LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(self.where),
+                                                                            os.environ.get("LD_LIBRARY_PATH")]))}
+        r = subprocess.run([str(path), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if r.returncode:
+            raise RuntimeError(f"{tool} failed ({r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
+        return r.stdout + r.stderr
+
+    def quantize(self, source: Path, out: Path, llama_type: str, threads: int) -> None:
+        self.run("llama-quantize", "--allow-requantize", str(source), str(out), llama_type, str(threads))
+
+    def speed(self, path: Path, threads: int, prompt: int, tokens: int, repeats: int) -> tuple[list[float], list[float]]:
+        """llama-bench's prompt and decode tokens/s per repetition: pp`prompt` and tg`tokens` at `threads`."""
+        out = self.run("llama-bench", "-m", str(path), "-p", str(prompt), "-n", str(tokens), "-t", str(threads),
+                       "-r", str(repeats), "-o", "json")
+        runs = json.loads(out[out.index("["):out.rindex("]") + 1])
+        pp = next(r["samples_ts"] for r in runs if r["n_prompt"] and not r["n_gen"])
+        tg = next(r["samples_ts"] for r in runs if r["n_gen"] and not r["n_prompt"])
+        return [float(v) for v in pp], [float(v) for v in tg]
+
+    def perplexity(self, path: Path, text: str, ctx: int, threads: int, windows: int | None) -> tuple[float, int]:
+        """llama-perplexity's own estimate (windows of ctx, second half scored: the convention qigen follows) and
+        the tokens it scored, on its own tokenization of the text."""
+        text_file = path.with_suffix(".txt")
+        text_file.write_text(text)
+        args = ["-m", str(path), "-f", str(text_file), "-c", str(ctx), "-t", str(threads), "-b", str(ctx)]
+        out = self.run("llama-perplexity", *args, *(["--chunks", str(windows)] if windows else []))
+        text_file.unlink()
+        ppl = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
+        chunks = re.search(r"calculating perplexity over (\d+) chunks", out)
+        if not ppl or not chunks:
+            raise RuntimeError(f"llama-perplexity printed no estimate: {out.strip()[-300:]}")
+        return float(ppl.group(1)), int(chunks.group(1)) * (ctx - ctx // 2 - 1)
 
 
 def _method(text: str) -> str:
@@ -260,15 +322,44 @@ class Run:
         record = {"name": kind, "kind": kind, "bits_per_weight": 8.0 * per_token, "size_bytes": size}
         return self.measure(record, lambda t: torch.set_num_threads(t) or model, per_token * self.weights)
 
+    def llama_bench(self, record: dict, tools: LlamaTools, path: Path, per_token: float) -> dict:
+        """Speed from llama-bench (pp of the speed runs' prompt length, tg of --tokens, --repeat repetitions) with
+        the bandwidth probed around it, perplexity from llama-perplexity."""
+        record["speed"], bytes_per_token = {}, per_token + self.kv
+        for t in self.args.threads:
+            before = probe(t)
+            pp, tg = tools.speed(path, t, len(self.prompt), self.args.tokens, self.args.repeat)
+            after = probe(t)
+            prompt, decode = summary(pp), summary(tg)
+            record["speed"][t] = {
+                "prompt_tokens_per_s": prompt["median"], "prompt_spread": prompt["spread"],
+                "decode_tokens_per_s": decode["median"], "decode_spread": decode["spread"],
+                "decode_runs": decode["values"], "ms_per_token": 1e3 / decode["median"],
+                "share_in_kernels": None, "read_bandwidth": float(np.median([before, after])),
+                "bandwidth_probes": [before, after], "bandwidth_rate": max(before, after) / bytes_per_token,
+                "bandwidth_pct": 100 * decode["median"] * bytes_per_token / max(before, after), "tool": "llama-bench"}
+        record["perplexity"], record["tokens_scored"] = tools.perplexity(path, self.evaluation, self.args.ctx,
+                                                                         max(self.args.threads), self.args.max_windows)
+        return record
+
     def llama_cpp(self, llama_type: str) -> dict:
-        """llama.cpp (llama-cpp-python) on the source GGUF re-quantized to `llama_type`: same texts, windows, threads."""
+        """llama.cpp on the source GGUF re-quantized to `llama_type`, same threads: by its own tools when there
+        (llama_tools), else through llama-cpp-python on the same texts and windows."""
         path = self.args.out / "models" / f"llama-cpp-{llama_type}.gguf"
         record = {"name": f"llama.cpp {llama_type}", "kind": "llama.cpp", "llama_type": llama_type}
         try:
-            quantize_gguf(self.source, path, LLAMA_CPP_TYPES[llama_type], max(self.args.threads))
+            where = llama_tools()
+            tools = LlamaTools(where) if where else None
+            if tools:
+                tools.quantize(self.source, path, llama_type, max(self.args.threads))
+            else:
+                quantize_gguf(self.source, path, LLAMA_CPP_TYPES[llama_type], max(self.args.threads))
             record |= {"size_bytes": path.stat().st_size, "bits_per_weight": 8 * path.stat().st_size / self.params}
-            record = self.measure(record, lambda t: LlamaCpp(path, t, self.args.ctx, self.ckpt.tokenizer),
-                                  path.stat().st_size)
+            if tools:
+                record = self.llama_bench(record, tools, path, path.stat().st_size)
+            else:
+                record = self.measure(record, lambda t: LlamaCpp(path, t, self.args.ctx, self.ckpt.tokenizer),
+                                      path.stat().st_size)
         except Exception as e:
             record["error"] = f"{type(e).__name__}: {e}"
             log(f"{record['name']} FAILED: {record['error']}")
@@ -307,12 +398,15 @@ class LlamaCpp:
     """llama.cpp behind qigen's generate / perplexity interface, fed the same token ids."""
 
     def __init__(self, path: Path, threads: int, ctx: int, tokenizer):
+        self.tokenizer, self.path, self.threads, self.ctx = tokenizer, path, threads, ctx
+        self.llm = self.open(logits_all=False)  # speed runs: the last token's logits only, as llama-bench
+
+    def open(self, logits_all: bool):
         import llama_cpp
 
-        self.tokenizer = tokenizer
-        with llama_log(path.with_suffix(".log")):
-            self.llm = llama_cpp.Llama(str(path), n_ctx=max(ctx, PROMPT_TOKENS + 256), n_threads=threads,
-                                       n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+        with llama_log(self.path.with_suffix(".log")):
+            return llama_cpp.Llama(str(self.path), n_ctx=max(self.ctx, PROMPT_TOKENS + 256), n_threads=self.threads,
+                                   n_threads_batch=self.threads, n_batch=512, logits_all=logits_all, verbose=False)
 
     def generate(self, prompt: list[int], max_tokens: int, temperature: float = 0.0, stats: Stats | None = None):
         stats = stats if stats is not None else Stats()
@@ -331,11 +425,12 @@ class LlamaCpp:
     def perplexity(self, text: str, ctx: int) -> tuple[float, int]:
         """qigen's convention (runtime.model.Model.perplexity): windows of ctx ids, second half scored."""
         ids, nll, scored = self.tokenizer.encode(text), 0.0, 0
+        llm = self.open(logits_all=True)  # every window token's logits
         for start in range(0, len(ids) - ctx + 1, ctx):
             window = ids[start:start + ctx]
-            self.llm.reset()
-            self.llm.eval(window)
-            z = np.asarray(self.llm.scores[ctx // 2:ctx - 1], dtype=np.float64)
+            llm.reset()
+            llm.eval(window)
+            z = np.asarray(llm.scores[ctx // 2:ctx - 1], dtype=np.float64)
             logp = z - z.max(-1, keepdims=True)
             logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
             nll -= logp[np.arange(len(z)), window[ctx // 2 + 1:]].sum()
@@ -367,7 +462,10 @@ def baselines(names: tuple[str, ...], source: Path) -> list[str]:
             if source.suffix != ".gguf":
                 log(f"skipped: llama.cpp, which needs a GGUF model ({source} is not one)")
                 continue
-            if not optional("llama_cpp", "the llama.cpp baseline (pip install 'qigen[llama]')"):
+            if llama_tools():
+                log(f"llama.cpp: its own tools in {llama_tools()}")
+            elif not optional("llama_cpp", "the llama.cpp baseline (llama-bench on PATH or named by "
+                                           f"${LLAMA_BENCH}, or pip install 'qigen[llama]')"):
                 continue
         have.append(name)
     return have
@@ -494,9 +592,9 @@ def run(args: argparse.Namespace) -> dict:
     notes += [
         f"Perplexity: the second half of the GNU GPL v3 ({len(bench.eval_ids)} tokens"
         f"{', cut by --max-windows' if args.max_windows else ''}) in windows of {args.ctx} tokens, the second half of "
-        "each window scored as llama.cpp does; formats that decode with int8 activations are scored through the "
-        "decode path (token by token), so the number is what generation computes. GPTQ (act_order) calibrates on "
-        "the first half: no overlap.",
+        "each window scored as llama.cpp does (prefill and decode multiply alike, so the number is what generation "
+        "computes). GPTQ (act_order) calibrates on the first half: no overlap. llama.cpp's own llama-perplexity, "
+        "where it runs, tokenizes the text itself (with a BOS per window).",
         "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets; the head stays "
         "8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
         "weights in memory).",
@@ -508,7 +606,9 @@ def run(args: argparse.Namespace) -> dict:
         "share of qigen's decode time inside generated C (the decode step; numpy for qigen fp32).",
         "Baselines: the source checkpoint's weights (for the default GGUF its Q4_1 weights) dequantized and run by "
         "plain torch (nn.Linear, KV cache), by torch's dynamic int8 (quantize_dynamic), by qigen's fp32 path, and, "
-        "when installed, by llama.cpp after re-quantizing the same GGUF (already 4-bit, so its types are bounded by it).",
+        "by llama.cpp after re-quantizing the same GGUF (already 4-bit, so its types are bounded by it): by its own "
+        "llama-quantize, llama-bench (pp of the prompt's length, tg of the decoded tokens, its repetitions) and "
+        f"llama-perplexity when llama-bench is on PATH or named by ${LLAMA_BENCH}, else through llama-cpp-python.",
         *([noisy] if noisy else [])]
     plotted = plot(records, most, args.out / "model.png")
     data = info | {"model": str(source), "source_sha256": ckpt.sha256, "config": ckpt.config.to_dict(),
