@@ -72,7 +72,7 @@ class Layout:
 
     @property
     def chunk(self) -> int:
-        return len(self.extracts)
+        return 1 + max(f.code for f in self.fields)
 
     @property
     def words(self) -> int:
@@ -117,6 +117,12 @@ def _reads(positions: list[tuple[int, int]], bits: int) -> tuple[tuple[View, ...
 @cache
 def _codebook(bits: int, byte_major: bool) -> tuple[tuple[Field, ...], tuple[Derive, ...], tuple[View, ...],
                                                     tuple[Extract, ...]]:
+    if bits == 3 and byte_major:
+        # two 2-bit planes of 16 codes byte-major (code 4s + j of a plane in byte j at bit 2s), then every code's
+        # third bit in a third word (code 4s + j in byte j at bit s): one shift and AND per plane meet x's bytes
+        fields = [Field(c, c // 16, 8 * (c % 4) + 2 * (c % 16 // 4), 0, 2) for c in range(32)]
+        fields += [Field(c, 2, 8 * (c % 4) + c // 4, 2, 1) for c in range(32)]
+        return tuple(fields), (), (), ()  # no AND-read views: the int8-activation kernels read bytes
     if bits != 3:
         n = 32 // bits
         # byte-major (int8 activations): code 4s + j in byte j at bit s·bits, so the bytes of a word shifted by
@@ -134,7 +140,8 @@ def _codebook(bits: int, byte_major: bool) -> tuple[tuple[Field, ...], tuple[Der
 @cache
 def _layout(bits: int, rows: int, cols: int, tile_rows: int, group_size: int, byte_major: bool) -> Layout:
     fields, derives, views, extracts = _codebook(bits, byte_major)
-    return Layout(bits=bits, rows=rows, cols=cols, tile_rows=tile_rows, group_chunks=-(-group_size // len(extracts)),
+    chunk = 1 + max(f.code for f in fields)
+    return Layout(bits=bits, rows=rows, cols=cols, tile_rows=tile_rows, group_chunks=-(-group_size // chunk),
                   fields=fields, derives=derives, views=views, extracts=extracts)
 
 

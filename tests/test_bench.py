@@ -39,15 +39,15 @@ def test_kernels_grid_runs_and_validates(out):
     out, results = out
     k = results["kernels"]
     qigen = [r for r in k["records"] if r["impl"] == "qigen"]
-    # shapes x threads x (bits x groups x batches + int8 activations: 4-bit g32 at both batches)
-    assert len(qigen) == 2 * 2 * (2 * 2 * 2 + 2)
+    # shapes x threads x (bits x groups x batches + int8 activations: 4- and 3-bit g32 at both batches)
+    assert len(qigen) == 2 * 2 * (2 * 2 * 2 + 2 * 2)
     assert {r["activations"] for r in qigen} == {"fp32", "int8"}
     assert {r["phase"] for r in qigen} == {"decode", "prefill"}
     # decode against the bandwidth probed around it, prefill against the run's measurement
     assert all(len(r["bandwidth_probes"]) == (2 if r["phase"] == "decode" else 0) for r in qigen)
     assert {"torch fp32", "torch int8 dynamic", "numpy fp32"} <= {r["impl"] for r in k["records"]}
     assert all(len(r["times_s"]) == 2 for r in k["records"])
-    assert len(k["library"]["kernels"]) == 20 and all(m["chosen"] for m in k["library"]["kernels"])
+    assert len(k["library"]["kernels"]) == 24 and all(m["chosen"] for m in k["library"]["kernels"])
     assert (out / "kernels.png").read_bytes().startswith(PNG)
 
 

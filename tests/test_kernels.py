@@ -131,8 +131,12 @@ def test_kernel_matches_reference(libraries, isa, spec, schedule):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("rows,cols", [(37, 100), (1, 1), (64, 576)])
 @pytest.mark.parametrize("row_vectors", [1, 3])
-def test_packing_round_trips(bits, rows, cols, row_vectors):
-    lay = layout(KernelSpec(rows, cols, bits), Schedule(row_vectors=row_vectors, accumulators=1))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packing_round_trips(bits, rows, cols, row_vectors, family):
+    spec = legal(rows, cols, bits, group=32, family=family)
+    if spec is None:
+        pytest.skip(f"{family} takes no {bits}-bit codes")
+    lay = layout(spec, Schedule(row_vectors=row_vectors, accumulators=1))
     codes = np.random.default_rng(bits).integers(0, 1 << bits, (rows, cols), dtype=np.uint8)
     words = pack_codes(codes, lay)
     assert words.dtype == np.uint32 and words.size == lay.packed_words

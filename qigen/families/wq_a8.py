@@ -11,6 +11,7 @@ same way, then runs a register micro-kernel of row vectors × col_tile rows of X
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,16 +19,34 @@ from qigen.family import Family, KernelParams
 from qigen.layout import layout
 from qigen.spec import KernelSpec, Schedule, SpecError
 
-BITS = (2, 4, 8)  # codes that sit whole in bytes (after one shift and AND below 8 bits)
+BITS = (2, 3, 4, 8)  # codes that sit whole in bytes after a shift and an AND (3-bit: two, and an OR)
 BLOCK = 32  # inputs per int8 activation scale
 ROW_VECTORS = (1, 2, 3, 4)
 COL_TILES = (2, 3, 4, 6, 8)  # rows of X per matrix-matrix micro-kernel; 1 is the matrix-vector kernel's job
 
 
+class ByteRead(NamedTuple):
+    """The four codes of a chunk's x word s, one per byte: (word >> shift) & mask, OR'd (3-bit) with their third bits,
+    (hi_word >> hi_shift) & hi_mask, shifting left for a negative hi_shift."""
+    word: int
+    shift: int
+    mask: str
+    hi_word: int = 0
+    hi_shift: int = 0
+    hi_mask: str = ""
+
+
+def byte_reads(bits: int) -> tuple[ByteRead, ...]:
+    """How each x word of a chunk finds its codes (qigen.layout packs them byte-major)."""
+    if bits == 3:
+        return tuple(ByteRead(s // 4, 2 * (s % 4), "03030303", 2, s - 2, "04040404") for s in range(8))
+    return tuple(ByteRead(0, s * bits, f"{0x01010101 * ((1 << bits) - 1):x}") for s in range(8 // bits))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Params(KernelParams):
-    subs: int  # shifts per word: codes per byte
-    byte_mask: str  # the AND that leaves one code per byte, in hex
+    subs: int  # x words per chunk (four codes each)
+    reads: tuple[ByteRead, ...]  # per x word
     top_code: int
     dot: str  # how codes meet x's bytes: "dpbusd" (VNNI), "maddubs" (int16 pairs), "dot8" (8-bit codes as signed
     # bytes, code - 128, summed in int32 per word)
@@ -64,14 +83,18 @@ class WeightsA8(Family):
         if schedule.k_block != 0 or schedule.accumulators != 1 or (c == 1) != (spec.kind == "gemv"):
             raise SpecError("an int8-activation schedule has k_block 0, accumulators 1 (one integer sum per row vector "
                             "and row of X) and col_tile 1 exactly when it is matrix-vector")
+        lay = layout(spec, schedule)
+        masks = len({m for e in byte_reads(spec.bits) for m in (e.mask, e.hi_mask) if m})
         if spec.kind == "gemv":
-            subs = 8 // spec.bits
-            if 3 * r + subs + 3 > regs:
-                raise SpecError(f"schedule {schedule.tag()}: {r}x3 sums, {subs} x broadcasts, a mask and two "
-                                f"temporaries need more than the {regs} vector registers of {spec.isa}")
-        elif 2 * r * c + 2 * r + 3 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {r}x{c} integer and float sums, {r} words, {r} codes, a mask, "
-                            f"x and a scale need more than the {regs} vector registers of {spec.isa}")
+            subs = lay.chunk // 4 if r > 1 else 1  # x broadcasts live across the row vectors (one row: used at once)
+            if (2 + lay.words) * r + subs + masks + 2 > regs:
+                raise SpecError(f"schedule {schedule.tag()}: {r}x3 sums, {r}x{lay.words - 1} more words, {subs} x "
+                                f"broadcasts, {masks} mask(s) and two temporaries need more than the {regs} vector "
+                                f"registers of {spec.isa}")
+        elif 2 * r * c + (lay.words + 1) * r + masks + 2 > regs:
+            raise SpecError(f"schedule {schedule.tag()}: {r}x{c} integer and float sums, {r}x{lay.words} words, {r} "
+                            f"codes, {masks} mask(s), x and a scale need more than the {regs} vector registers of "
+                            f"{spec.isa}")
 
     @staticmethod
     def dot(spec: KernelSpec) -> str:
@@ -79,9 +102,11 @@ class WeightsA8(Family):
 
     def cycles(self, spec: KernelSpec, schedule: Schedule, host, n: int) -> float:
         lay, issue, r = layout(spec, schedule), spec.target.issue, schedule.row_vectors
-        subs, dot = 8 // spec.bits, self.dot(spec)
+        subs, dot = layout(spec, schedule).chunk // 4, self.dot(spec)
         per_word = {"dpbusd": 1, "maddubs": 2, "dot8": 6}[dot]  # per row vector and row of x: multiply-adds, sums
-        unpack = 0 if spec.bits == 8 else 2 * subs - 1  # shifts and ANDs per word and row vector
+        # shifts, ANDs (and ORs) per chunk and row vector
+        unpack = sum((e.shift > 0) + 1 + bool(e.hi_mask) * (2 + (e.hi_shift != 0)) for e in byte_reads(spec.bits))
+        unpack = 0 if spec.bits == 8 else unpack
         finish = 3 + (dot == "maddubs")  # per block: (int16 pairs to int32,) convert, scale, multiply-add
         if spec.kind == "gemv":
             chunk = (r * (1 + unpack + per_word * subs) + subs) / issue
@@ -97,7 +122,7 @@ class WeightsA8(Family):
 
     def params(self, spec: KernelSpec, schedule: Schedule) -> Params:
         lay = layout(spec, schedule)
-        subs, dot = 8 // spec.bits, self.dot(spec)
+        subs, dot = lay.chunk // 4, self.dot(spec)
         block_chunks = BLOCK // lay.chunk
         blocks = -(-lay.chunks // block_chunks)
         # scratch (per row of X): x's bytes as words per (chunk, shift), the blocks' scales, the group sums
@@ -105,8 +130,7 @@ class WeightsA8(Family):
         return Params(
             **self.common(spec, schedule, "gemv.c.j2" if spec.kind == "gemv" else "gemm_a8.c.j2",
                           lay.chunks * subs + blocks + lay.groups, code_shift),
-            subs=subs,
-            byte_mask=f"{0x01010101 * ((1 << spec.bits) - 1):x}", top_code=(1 << spec.bits) - 1, dot=dot,
+            subs=subs, reads=byte_reads(spec.bits), top_code=(1 << spec.bits) - 1, dot=dot,
             block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK,
             col_tile=schedule.col_tile)
 

@@ -30,6 +30,7 @@ static inline vi vi_set1(uint32_t a) { return _mm512_set1_epi32((int)a); }
 static inline vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
 #define vi_srl(a, n) _mm512_srli_epi32((a), (n))
+#define vi_sll(a, n) _mm512_slli_epi32((a), (n))
 #ifdef QIGEN_SIMDE /* SIMDE 0.7 lacks _mm512_cvtph_ps and _mm512_cvtepi32_ps: convert lane by lane */
 static inline vf vf_load_h(const uint16_t *p)
 {
@@ -157,11 +158,11 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const ui
             vi s3_1 = vi_set1(0);
             int c1 = (b + 1) * 4 < 512 ? (b + 1) * 4 : 512;
             for (int c = b * 4; c < c1; c++) {
-                const vi w0 = vi_load(wt + (size_t)c * 32 + 0);
-                const vi w1 = vi_load(wt + (size_t)c * 32 + 16);
+                const vi w0_0 = vi_load(wt + ((size_t)c * 1 + 0) * 32 + 0);
+                const vi w1_0 = vi_load(wt + ((size_t)c * 1 + 0) * 32 + 16);
                 {
-                    const vi u0 = vi_and(w0, vi_set1(0xf0f0f0fu));
-                    const vi u1 = vi_and(w1, vi_set1(0xf0f0f0fu));
+                    const vi u0 = vi_and(w0_0, vi_set1(0xf0f0f0fu));
+                    const vi u1 = vi_and(w1_0, vi_set1(0xf0f0f0fu));
                     {
                         const vi xb = vi_set1(xw0[c * 2 + 0]);
                         s0_0 = vi_dpbusd(s0_0, u0, xb);
@@ -184,8 +185,8 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const ui
                     }
                 }
                 {
-                    const vi u0 = vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu));
-                    const vi u1 = vi_and(vi_srl(w1, 4), vi_set1(0xf0f0f0fu));
+                    const vi u0 = vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu));
+                    const vi u1 = vi_and(vi_srl(w1_0, 4), vi_set1(0xf0f0f0fu));
                     {
                         const vi xb = vi_set1(xw0[c * 2 + 1]);
                         s0_0 = vi_dpbusd(s0_0, u0, xb);

@@ -29,6 +29,7 @@ static inline vi vi_set1(uint32_t a) { return _mm512_set1_epi32((int)a); }
 static inline vi vi_and(vi a, vi b) { return _mm512_and_si512(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm512_or_si512(a, b); }
 #define vi_srl(a, n) _mm512_srli_epi32((a), (n))
+#define vi_sll(a, n) _mm512_slli_epi32((a), (n))
 #ifdef QIGEN_SIMDE /* SIMDE 0.7 lacks _mm512_cvtph_ps and _mm512_cvtepi32_ps: convert lane by lane */
 static inline vf vf_load_h(const uint16_t *p)
 {

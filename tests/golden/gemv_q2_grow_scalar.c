@@ -28,6 +28,7 @@ static inline vi vi_set1(uint32_t a) { return a; }
 static inline vi vi_and(vi a, vi b) { return a & b; }
 static inline vi vi_or(vi a, vi b) { return a | b; }
 #define vi_srl(a, n) ((a) >> (n))
+#define vi_sll(a, n) ((a) << (n))
 static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
 /* int8 activations, one 32-bit lane: u8 x s8 products of bytes 0-1 and 2-3 summed into int16 halves (the kernels
    keep every sum within int16, so the saturation of the SIMD instruction never applies), int16 adds, halves summed */

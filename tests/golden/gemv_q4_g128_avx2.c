@@ -22,6 +22,7 @@ static inline vi vi_set1(uint32_t a) { return _mm256_set1_epi32((int)a); }
 static inline vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
+#define vi_sll(a, n) _mm256_slli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 /* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }

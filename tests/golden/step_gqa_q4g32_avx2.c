@@ -22,6 +22,7 @@ static inline vi vi_set1(uint32_t a) { return _mm256_set1_epi32((int)a); }
 static inline vi vi_and(vi a, vi b) { return _mm256_and_si256(a, b); }
 static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
+#define vi_sll(a, n) _mm256_slli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
 /* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
@@ -125,9 +126,9 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 2 + 0]);
                     vi x1 = vi_set1(xw[c * 2 + 1]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0_0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
@@ -219,9 +220,9 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t 
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 2 + 0]);
                     vi x1 = vi_set1(xw[c * 2 + 1]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0_0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
@@ -313,9 +314,9 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 2 + 0]);
                     vi x1 = vi_set1(xw[c * 2 + 1]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0_0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
@@ -358,9 +359,9 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 2 + 0]);
                     vi x1 = vi_set1(xw[c * 2 + 1]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0_0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
@@ -456,9 +457,9 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 2 + 0]);
                     vi x1 = vi_set1(xw[c * 2 + 1]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0, vi_set1(0xf0f0f0fu)), x0));
-                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0, 4), vi_set1(0xf0f0f0fu)), x1));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(w0_0, vi_set1(0xf0f0f0fu)), x0));
+                    s0 = vi_add16(s0, vi_maddubs(vi_and(vi_srl(w0_0, 4), vi_set1(0xf0f0f0fu)), x1));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(vi_madd1(s0)), d, p0);
@@ -549,8 +550,8 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t 
                     const uint32_t *wc = wt + (size_t)c * 8;
                     __builtin_prefetch((const char *)wc + 1024);
                     vi x0 = vi_set1(xw[c * 1 + 0]);
-                    vi w0 = vi_load(wc + 0);
-                    s0 = vi_add32(s0, vi_dot8(w0, x0));
+                    vi w0_0 = vi_load(wc + 0);
+                    s0 = vi_add32(s0, vi_dot8(w0_0, x0));
                 }
                 vf d = vf_set1(sx[b]);
                 p0 = vf_fma(vi_to_vf(s0), d, p0);
