@@ -145,7 +145,8 @@ def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = No
     spec = StepSpec.uniform(weights.config, weights.quant, best_isa(host))
     steps = (spec,) if fused else ()
     prefill = {s: prefill_spec(s, PREFILL_BATCH) for s in spec.kernel_specs()}  # decode spec → its prefill twin
-    lib = build([*prefill, *prefill.values()], host, threads, steps)
+    # prefill reads decode's packing where a matrix-matrix schedule can: one copy of the weights
+    lib = build([*prefill, *prefill.values()], host, threads, steps, share={p: s for s, p in prefill.items()})
     kernels = Kernels(spec, {s: lib.kernels[s] for s in prefill}, {s: lib.kernels[p] for s, p in prefill.items()},
                       lib.steps.get(spec))
     return Model(weights, tokenizer, threads, kernels)

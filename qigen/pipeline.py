@@ -19,6 +19,7 @@ import numpy as np
 
 from perfmodel.host import Host, from_target
 from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sample, rank
+from qigen.layout import layout
 from qigen.quant import relative_error
 from qigen.render import Source, render
 from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, best_isa, kernel_name
@@ -99,12 +100,13 @@ def _compile(pairs: list[tuple[KernelSpec, Schedule]], host: Host, steps: tuple[
 
 
 def build(specs: Iterable[KernelSpec], host: Host, threads: int | None = None, steps: tuple[StepSpec, ...] = (),
-          tune: bool = False, repeats: int = 5, load: bool = True,
+          tune: bool = False, repeats: int = 5, load: bool = True, share: dict[KernelSpec, KernelSpec] | None = None,
           progress: Callable[[str], None] = lambda s: None) -> Library:
     """The pipeline from specs to loaded kernels: rank every spec's schedules for `threads` (default: the host's
     cores), with `tune` compile the TUNE_TOP best predicted of each into one library and keep the fastest measured,
     then render, compile and (unless told not to: a library for another CPU) load the chosen ones, and decode steps
-    on them (their products are added to specs)."""
+    on them (their products are added to specs). share: spec → another whose packing it should read where one of
+    its schedules does (one copy of the weights then serves both); it takes the best such schedule, untuned."""
     threads = threads or host.cores
     specs = list(dict.fromkeys([*specs, *(s for step in steps for s in step.kernel_specs())]))
     ranked = {s: rank(s, host, threads) for s in specs}
@@ -121,6 +123,12 @@ def build(specs: Iterable[KernelSpec], host: Host, threads: int | None = None, s
                          f"measured {times[c.schedule] * 1e3:.3f} ms")
             chosen[s] = min(times, key=times.get)
             measured[s] = times[chosen[s]]
+    for s, other in (share or {}).items():  # after tuning: other's packing is final
+        packing = layout(other, chosen[other])
+        shared = next((c.schedule for c in ranked[s] if layout(s, c.schedule) == packing), None)
+        if shared is not None and shared != chosen[s]:
+            chosen[s] = shared
+            measured.pop(s, None)
     loaded, source, built = _compile(list(chosen.items()), host, steps, load)
     kernels = {s: replace(loaded[kernel_name(s, sch)], spec=s) for s, sch in chosen.items()} if load else {}
     return Library(chosen, kernels, {step: loaded[step.name] for step in steps} if load else {}, ranked, measured,

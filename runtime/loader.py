@@ -33,6 +33,11 @@ class Kernel:
     def name(self) -> str:
         return kernel_name(self.spec, self.schedule)
 
+    @property
+    def layout(self):
+        """The packing this kernel reads."""
+        return layout(self.spec, self.schedule)
+
     def pack(self, q: QuantizedWeights) -> PackedWeights:
         return pack(q, self.spec, self.schedule)
 

@@ -102,13 +102,19 @@ class Linear:
             self.packed = None
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
-            self._gemv, gemm = kernels.decode[spec], kernels.prefill[spec]
-            self.place(self._gemv.pack(m))
-            self.prefill = gemm.bind(gemm.pack(m))
+            self._gemv, self._gemm = kernels.decode[spec], kernels.prefill[spec]
+            packed = self._gemv.pack(m)
+            self.shared = self._gemm.layout == packed.layout  # prefill reads decode's packing: one copy
+            if not self.shared:
+                self.prefill = self._gemm.bind(self._gemm.pack(m))
+            self.place(packed)
 
     def place(self, packed: PackedWeights) -> None:
-        """Decode from `packed`: the matrix-vector kernel's format, which the decode step reads too."""
+        """Decode from `packed`: the matrix-vector kernel's format, which the decode step reads too (and prefill,
+        when its kernel reads the same packing)."""
         self.packed, self.decode = packed, self._gemv.bind(packed)
+        if self.shared:
+            self.prefill = self._gemm.bind(packed)
 
     def __call__(self, x: np.ndarray, threads: int) -> np.ndarray:
         t0 = time.perf_counter()

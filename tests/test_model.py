@@ -111,9 +111,9 @@ def test_decode_step_matches_python_loop(q8):
     np.testing.assert_allclose(a.k, b.k, rtol=0, atol=1e-4 * np.abs(b.k).max())
 
 
-def test_int8_activations_keep_decode_perplexity(ckpt):
-    """4-bit g64 decodes with int8 activations by default ("auto"); through the decode path, perplexity stays
-    within 3% of fp32 activations on the same weights."""
+def test_int8_activations_keep_perplexity(ckpt):
+    """4-bit g64 runs with int8 activations by default ("auto"); through the decode path and through prefill,
+    perplexity stays within 3% of fp32 activations on the same weights. Prefill reads decode's packing."""
 
     w = quantize_weights(split_linears(ckpt), QuantSpec(4, 64))
     int8, fp32 = build_model(w, ckpt.tokenizer, 2), build_model(replace(w, quant=replace(w.quant, activations="fp32")), ckpt.tokenizer, 2)
@@ -122,6 +122,8 @@ def test_int8_activations_keep_decode_perplexity(ckpt):
     p8, scored = int8.perplexity(text, ctx=128, decode=True)
     p32, _ = fp32.perplexity(text, ctx=128, decode=True)
     assert scored > 100 and abs(p8 - p32) / p32 < 0.03
+    assert abs(int8.perplexity(text, ctx=128)[0] - p32) / p32 < 0.03
+    assert all(linear.shared for layer in int8.linears for linear in layer.values()) and int8.head.shared
 
 
 def test_generate_streams_and_stops(q8):

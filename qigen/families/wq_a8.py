@@ -54,6 +54,7 @@ class Params(KernelParams):
     blocks: int
     group_blocks: int
     col_tile: int  # rows of X per micro-kernel (matrix-matrix)
+    pass_vectors: int  # row vectors of a tile per micro-kernel pass (matrix-matrix)
 
 
 class WeightsA8(Family):
@@ -91,10 +92,21 @@ class WeightsA8(Family):
                 raise SpecError(f"schedule {schedule.tag()}: {r}x3 sums, {r}x{lay.words - 1} more words, {subs} x "
                                 f"broadcasts, {masks} mask(s) and two temporaries need more than the {regs} vector "
                                 f"registers of {spec.isa}")
-        elif 2 * r * c + (lay.words + 1) * r + masks + 2 > regs:
-            raise SpecError(f"schedule {schedule.tag()}: {r}x{c} integer and float sums, {r}x{lay.words} words, {r} "
-                            f"codes, {masks} mask(s), x and a scale need more than the {regs} vector registers of "
-                            f"{spec.isa}")
+        elif not self.pass_vectors(spec, schedule):
+            raise SpecError(f"schedule {schedule.tag()}: {c} integer and float sums, {lay.words} words, a code, "
+                            f"{masks} mask(s), x and a scale per row vector need more than the {regs} vector "
+                            f"registers of {spec.isa}")
+
+    @staticmethod
+    def pass_vectors(spec: KernelSpec, schedule: Schedule) -> int:
+        """Matrix-matrix: the row vectors of a tile its micro-kernel takes in one pass, the most dividing the tile
+        whose integer and float sums (col_tile each), words, codes, masks, x and a scale fit in the registers; 0 if
+        not even one's do. A tile of more rows keeps the matrix-vector kernel's packing (one copy serves both)."""
+        words, c = layout(spec, schedule).words, schedule.col_tile
+        masks = len({m for e in byte_reads(spec.bits) for m in (e.mask, e.hi_mask) if m})
+        fits = [p for p in range(1, schedule.row_vectors + 1) if schedule.row_vectors % p == 0
+                and 2 * p * c + (words + 1) * p + masks + 2 <= spec.target.registers]
+        return max(fits, default=0)
 
     @staticmethod
     def dot(spec: KernelSpec) -> str:
@@ -112,8 +124,8 @@ class WeightsA8(Family):
             chunk = (r * (1 + unpack + per_word * subs) + subs) / issue
             group_end = r * 6 / issue + (finish * r + 1) / issue * spec.group_size / BLOCK
             return lay.tiles * (lay.chunks * chunk + lay.groups * group_end) * n
-        c = schedule.col_tile
-        chunk = (r * (1 + unpack) + c * subs * (1 + r * per_word)) / issue  # x broadcast per (row of x, word)
+        c, p = schedule.col_tile, self.pass_vectors(spec, schedule)
+        chunk = r // p * (p * (1 + unpack) + c * subs * (1 + p * per_word)) / issue  # x broadcasts per pass
         block = c * (r * finish + 1) / issue
         group_end = c * r * (1 + (not spec.symmetric)) / issue
         panels = -(-n // c)
@@ -132,7 +144,7 @@ class WeightsA8(Family):
                           lay.chunks * subs + blocks + lay.groups, code_shift),
             subs=subs, reads=byte_reads(spec.bits), top_code=(1 << spec.bits) - 1, dot=dot,
             block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK,
-            col_tile=schedule.col_tile)
+            col_tile=schedule.col_tile, pass_vectors=self.pass_vectors(spec, schedule) if spec.kind == "gemm" else 1)
 
     def seen(self, x: np.ndarray) -> np.ndarray:
         """Per block of BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32 (the kernels' own arithmetic)."""

@@ -122,7 +122,8 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(const 
     }
 }
 
-/* out[j][row] for the tile's rows and the panel's rows j of X, from their prepared x (xs, 1280 floats each) */
+/* out[j][row] for 2 row vectors of a tile (wt, st, ot point at the first's words, scales and offsets; out at
+   its outputs) and the panel's rows j of X, from their prepared x (xs, 1280 floats each) */
 static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const uint32_t *restrict wt, const uint16_t *restrict st, const uint16_t *restrict ot,
                            const float *restrict xs, float *restrict out)
 {
@@ -286,9 +287,11 @@ int gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0(const uint32_t *w, 
         for (int i = 0; i < 128 * panels; i++) {
             const int t = i / panels, p = i % panels;
             float out[128];
-            gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(w + (size_t)t * 16384, scales + (size_t)t * 4096,
-                           offsets + (size_t)t * 4096,
-                           xs + (size_t)p * 5120, out);
+            for (int q = 0; q < 2; q += 2)  /* passes over the tile's row vectors */
+                gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(w + (size_t)t * 16384 + q * VW,
+                               scales + (size_t)t * 4096 + q * VW,
+                               offsets + (size_t)t * 4096 + q * VW,
+                               xs + (size_t)p * 5120, out + q * VW);
             const int r1 = 4096 - t * 32 < 32 ? 4096 - t * 32 : 32;
             const int j1 = n - p * 4 < 4 ? n - p * 4 : 4;
             for (int j = 0; j < j1; j++)
