@@ -99,7 +99,7 @@ class Linear:
     def __init__(self, m: Matrix, kernels: Kernels | None, spec: KernelSpec | None):
         self.seconds = 0.0  # spent in this layer's matrix products
         if isinstance(m, np.ndarray):
-            self.packed = None
+            self.packed, self.shared = None, False
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
             self._gemv, self._gemm = kernels.decode[spec], kernels.prefill[spec]
