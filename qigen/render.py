@@ -29,6 +29,7 @@ class PrefillAttention:
     `key_unroll` keys and outputs of `dim_unroll` dimensions at a time, keys in blocks of `key_block`."""
     prototype: str
     swiglu_prototype: str
+    rmsnorm_prototype: str
     lanes: int
     pass_vectors: int
     key_unroll: int
@@ -49,6 +50,7 @@ def prefill_attention(step: StepSpec) -> PrefillAttention:
     lanes = vectors * isa.vector_width
     return PrefillAttention(
         prototype=step_prototypes(step.name)[3].rstrip(";"), swiglu_prototype=step_prototypes(step.name)[4].rstrip(";"),
+        rmsnorm_prototype=step_prototypes(step.name)[5].rstrip(";"),
         lanes=lanes, pass_vectors=passes,
         key_unroll=max(1, min(8, free)), dim_unroll=max(u for u in (1, 2, 4, 8) if c.head_dim % u == 0 and u <= max(1, free)),
         key_block=KEY_BLOCK, own_floats=offsets({"qt": c.head_dim * lanes, "sc": KEY_BLOCK * lanes,
@@ -110,7 +112,7 @@ class Source:
 
 def step_prototypes(name: str) -> tuple[str, ...]:
     """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
-    tokens and `threads` threads; a prefill chunk's attention and its SwiGLU."""
+    tokens and `threads` threads; a prefill chunk's attention, its SwiGLU and its RMSNorm."""
     state = ("float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
              "float *logits, float *scratch, int threads")
     return (f"int {name}(const void *const *weights, const float *embedding, {state});",
@@ -119,7 +121,8 @@ def step_prototypes(name: str) -> tuple[str, ...]:
             f"size_t {name}_scratch(int context, int threads);",
             f"int {name}_prefill_attention(const float *qkv, int n, int layer, float *k_cache, float *v_cache, "
             f"const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads);",
-            f"void {name}_prefill_swiglu(const float *gate_up, int n, float *out, int threads);")
+            f"void {name}_prefill_swiglu(const float *gate_up, int n, float *out, int threads);",
+            f"void {name}_prefill_rmsnorm(const float *x, const float *w, int n, float *out, int threads);")
 
 
 def offsets(floats: dict[str, int]) -> tuple[dict[str, int], int]:
@@ -200,6 +203,6 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
                                                               header=ISAS[isa].header, vnni=ISAS[isa].vnni)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
-        names = ("", "_greedy", "_scratch", "_prefill_attention", "_prefill_swiglu")
+        names = ("", "_greedy", "_scratch", "_prefill_attention", "_prefill_swiglu", "_prefill_rmsnorm")
         prototypes |= {step.name + suffix: p for suffix, p in zip(names, step_prototypes(step.name))}
     return Source(text=text, isa=isa, target=target, prototypes=prototypes)

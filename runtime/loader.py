@@ -119,6 +119,7 @@ class Step:
     _scratch: object
     _attention: object
     _swiglu: object
+    _rmsnorm: object
     _ffi: cffi.FFI
 
     @property
@@ -244,6 +245,20 @@ class BoundStep:
         self._step._swiglu(ffi.from_buffer("float[]", gate_up), n, self._cast(out), threads)
         return out
 
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray, threads: int | None = None) -> np.ndarray:
+        """RMSNorm of a prefill chunk's rows (n, hidden) with the model's eps, times weight (hidden,)."""
+        hidden, ffi = self._step.spec.config.hidden, self._step._ffi
+        n = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else 0
+        _floats(x, (n, hidden), "x")
+        _floats(weight, (hidden,), "norm weight")
+        threads = self.threads if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads={threads}: at least 1")
+        out = np.empty((n, hidden), np.float32)
+        self._step._rmsnorm(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", weight), n, self._cast(out),
+                            threads)
+        return out
+
     def greedy(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
                rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
         """Up to n greedy tokens after `token` at pos (embeddings: the table, (vocab, hidden)), ending early after a
@@ -294,5 +309,6 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]],
     for step in steps:
         loaded[step.name] = Step(step, {spec: gemv[spec] for spec in step.kernel_specs()}, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
                                  getattr(lib, step.name + "_scratch"), getattr(lib, step.name + "_prefill_attention"),
-                                 getattr(lib, step.name + "_prefill_swiglu"), ffi)
+                                 getattr(lib, step.name + "_prefill_swiglu"), getattr(lib, step.name + "_prefill_rmsnorm"),
+                                 ffi)
     return loaded

@@ -304,30 +304,28 @@ class Model:
         return tokens.tolist()
 
     def _forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool) -> np.ndarray:
-        c, th = self.config, self.threads
+        c, th, step = self.config, self.threads, self.step
         n, pos = len(tokens), state.pos
+        # the generated step's norms, attention and SwiGLU run on every core (numpy's on one), the attention over
+        # the causal blocks only, in one pass
+        norm = (lambda x, w: step.rmsnorm(x, w, th)) if step else (lambda x, w: rms_norm(x, w, c.rms_eps))
         x = self.w.embed[tokens]  # (T, hidden) token embeddings
         for i, (layer, lin) in enumerate(zip(self.w.layers, self.linears)):
             # attention: q, k, v of the normed input, rotated, k and v appended to the cache
-            h = rms_norm(x, layer.attn_norm, c.rms_eps)
-            qkv = lin["qkv"](h, th)
-            # the generated step's attention and SwiGLU run on every core (numpy's on one), the attention over
-            # the causal blocks only, in one pass
-            if self.step is not None:
-                x = x + lin["o"](self.step.attention(qkv, i, state.k, state.v, state.cos, state.sin, pos, th), th)
+            qkv = lin["qkv"](norm(x, layer.attn_norm), th)
+            if step is not None:
+                x = x + lin["o"](step.attention(qkv, i, state.k, state.v, state.cos, state.sin, pos, th), th)
             else:
                 x = x + lin["o"](self._attention(qkv, i, state), th)
             # feed-forward: SwiGLU of the normed input
-            h = rms_norm(x, layer.ffn_norm, c.rms_eps)
-            gate_up = lin["gate_up"](h, th)
-            if self.step is not None:
-                x = x + lin["down"](self.step.swiglu(gate_up, th), th)
+            gate_up = lin["gate_up"](norm(x, layer.ffn_norm), th)
+            if step is not None:
+                x = x + lin["down"](step.swiglu(gate_up, th), th)
             else:
                 gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
                 x = x + lin["down"](gate / (1.0 + np.exp(-gate)) * up, th)
         state.pos += n
-        x = rms_norm(x if all_logits else x[-1:], self.w.norm, c.rms_eps)
-        logits = self.head(x, th)  # (T or 1, vocab)
+        logits = self.head(norm(x if all_logits else x[-1:], self.w.norm), th)  # (T or 1, vocab)
         return logits if all_logits else logits[0]
 
     def _attention(self, qkv: np.ndarray, i: int, state: RunState) -> np.ndarray:

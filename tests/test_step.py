@@ -1,5 +1,5 @@
 """The generated decode step (every layer and the head for one token, in C) matches the Python forward pass, and
-so do the parts of a prefill chunk it generates beside the products (attention, SwiGLU).
+so do the parts of a prefill chunk it generates beside the products (attention, SwiGLU, RMSNorm).
 
 Tiny random models with ragged sizes (hidden 72 is no multiple of 64; 3 query heads share 1 key/value
 head) in several formats, on every ISA (AVX-512 through SIMD Everywhere where the CPU lacks it). The
@@ -19,7 +19,7 @@ from qigen.render import render
 from qigen.spec import ISAS, QuantSpec, Schedule, SpecError, StepSpec
 from runtime.compiler import compile
 from runtime.loader import load
-from runtime.model import Layer, Model, Weights
+from runtime.model import Layer, Model, Weights, rms_norm
 from test_kernels import native, runnable, skip_reason
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -118,10 +118,10 @@ def test_step_matches_python_forward(isa, fmt, size):
 
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("isa", ISAS)
-def test_prefill_attention_and_swiglu_match_numpy(isa, size):
+def test_prefill_attention_swiglu_and_norm_match_numpy(isa, size):
     """Chunks of 1 to 37 tokens (across vector widths of tokens and key blocks) at positions 0 to 99 of a cache
     already holding other positions: q and k rotated, k and v appended, causal softmax; SwiGLU of interleaved
-    columns."""
+    columns; RMSNorm row by row."""
     if not runnable(isa):
         pytest.skip(skip_reason(isa))
     step = step_spec(size, FORMATS["q4g32-int8"], isa)
@@ -144,6 +144,8 @@ def test_prefill_attention_and_swiglu_match_numpy(isa, size):
     gate_up = rng.standard_normal((7, 2 * c.intermediate)).astype(np.float32) * 4
     gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
     np.testing.assert_allclose(run.swiglu(gate_up, threads=2), gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
+    x = rng.standard_normal((5, c.hidden)).astype(np.float32)
+    np.testing.assert_allclose(run.rmsnorm(x, final, threads=2), rms_norm(x, final, c.rms_eps), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +188,8 @@ def test_step_refuses_bad_weights_and_positions(tiny):
         run.attention(qkv[:, :-1], 0, k, v, rope, rope, 0)
     with pytest.raises(ValueError, match="gate_up: a C-contiguous float32 array"):
         run.swiglu(qkv)
+    with pytest.raises(ValueError, match="norm weight: a C-contiguous float32 array"):
+        run.rmsnorm(np.zeros((2, step.config.hidden), np.float32), final[:-1])
 
 
 def test_greedy_loop_matches_single_steps(tiny):

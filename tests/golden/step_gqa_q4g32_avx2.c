@@ -1081,4 +1081,12 @@ void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefil
     }
 }
 
+/* RMSNorm of a prefill chunk: out (n, 72) = x / rms(x) · w, row by row */
+void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_rmsnorm(const float *x, const float *w, int n, float *out, int threads)
+{
+#pragma omp parallel for num_threads(threads)
+    for (int j = 0; j < n; j++)
+        step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x + (size_t)j * 72, w, out + (size_t)j * 72);
+}
+
 
