@@ -186,7 +186,7 @@ def torch_llama(ckpt: Checkpoint, dtype: str = "float32"):
                 return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
             x = self.embed[ids]  # (T, hidden)
-            mask = torch.full((n, pos + n), float("-inf")).triu(pos + 1)  # future positions
+            mask = torch.full((n, pos + n), float("-inf"), dtype=dt).triu(pos + 1)  # future positions
             for i, (lin, (attn_norm, ffn_norm)) in enumerate(zip(self.layers, self.norms)):
                 h = self.rms(x, attn_norm)
                 q = lin["q"](h).view(n, c.heads, hd).transpose(0, 1)
