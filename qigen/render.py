@@ -48,9 +48,9 @@ def prefill_attention(step: StepSpec) -> PrefillAttention:
     passes = max(v for v in range(1, vectors + 1) if vectors % v == 0 and 3 * v + 1 <= regs or v == 1)
     free = (regs - passes - 1) // passes
     lanes = vectors * isa.vector_width
+    *_, attention, swiglu, rmsnorm = (p.rstrip(";") for p in step_prototypes(step.name))
     return PrefillAttention(
-        prototype=step_prototypes(step.name)[3].rstrip(";"), swiglu_prototype=step_prototypes(step.name)[4].rstrip(";"),
-        rmsnorm_prototype=step_prototypes(step.name)[5].rstrip(";"),
+        prototype=attention, swiglu_prototype=swiglu, rmsnorm_prototype=rmsnorm,
         lanes=lanes, pass_vectors=passes,
         key_unroll=max(1, min(8, free)), dim_unroll=max(u for u in (1, 2, 4, 8) if c.head_dim % u == 0 and u <= max(1, free)),
         key_block=KEY_BLOCK, own_floats=offsets({"qt": c.head_dim * lanes, "sc": KEY_BLOCK * lanes,

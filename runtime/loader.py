@@ -175,6 +175,12 @@ class BoundStep:
         self._state = _State((None,) * 4, 0, {}, np.empty(0, np.float32), [])
         self._embeddings: tuple = (None, None)
 
+    def _threads(self, threads: int | None) -> int:
+        threads = self.threads if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads={threads}: at least 1")
+        return threads
+
     def _cast(self, a: np.ndarray):
         return self._step._ffi.cast("float *", self._step._ffi.from_buffer(a, require_writable=True))
 
@@ -196,9 +202,7 @@ class BoundStep:
         context, scratch = self._state.context, self._state.scratch
         if not (0 <= pos and pos + n <= context):
             raise ValueError(f"position {pos + n - 1 if pos >= 0 else pos} is outside the context of {context}")
-        threads = self.threads if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"threads={threads}: at least 1")
+        threads = self._threads(threads)
         if threads not in scratch:  # (the buffer, its pointer), one per thread count a caller alternates between
             buffer = np.empty(self._step._scratch(context, threads), np.float32)
             scratch[threads] = buffer, self._cast(buffer)
@@ -238,9 +242,7 @@ class BoundStep:
         inter, ffi = self._step.spec.config.intermediate, self._step._ffi
         n = gate_up.shape[0] if isinstance(gate_up, np.ndarray) and gate_up.ndim == 2 else 0
         _floats(gate_up, (n, 2 * inter), "gate_up")
-        threads = self.threads if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"threads={threads}: at least 1")
+        threads = self._threads(threads)
         out = np.empty((n, inter), np.float32)
         self._step._swiglu(ffi.from_buffer("float[]", gate_up), n, self._cast(out), threads)
         return out
@@ -251,9 +253,7 @@ class BoundStep:
         n = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else 0
         _floats(x, (n, hidden), "x")
         _floats(weight, (hidden,), "norm weight")
-        threads = self.threads if threads is None else threads
-        if threads < 1:
-            raise ValueError(f"threads={threads}: at least 1")
+        threads = self._threads(threads)
         out = np.empty((n, hidden), np.float32)
         self._step._rmsnorm(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", weight), n, self._cast(out),
                             threads)

@@ -13,7 +13,7 @@ from perfmodel.host import Host, detect
 from qigen.spec import ISAS, best_isa
 from runtime.compiler import atomic_write, cache_dir, compile
 
-ITERS = 20_000_000 // 16  # rounds per run: about 10 ms of one core's FMAs at 16 chains
+ITERS = 1 << 20  # rounds per run: a few ms on a core (16 chains of 2 instructions a cycle at 4 GHz: 2 ms)
 
 
 def _path(host: Host):
