@@ -8,7 +8,7 @@ import numpy as np
 from perfmodel.cost import Prediction, predict, weight_bytes
 from perfmodel.host import Host
 from qigen.quant import relative_error
-from qigen.spec import BITS, GROUPS, KernelSpec, Schedule, SpecError, check
+from qigen.spec import BITS, GROUPS, KernelSpec, Schedule, SpecError, check, choose_family
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,20 @@ def error_sample(spec: KernelSpec, weights: np.ndarray | None) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((min(spec.rows, 256), spec.cols)).astype(np.float32)
 
 
-def choose_format(spec: KernelSpec, host: Host, max_error: float,
-                  weights: np.ndarray | None, bits: int | None, group: int | None | str) -> tuple[KernelSpec, float]:
+def choose_format(spec: KernelSpec, host: Host, max_error: float, weights: np.ndarray | None, bits: int | None,
+                  group: int | None | str, activations: str | None = None) -> tuple[KernelSpec, float]:
     """The fastest (bits, group) whose relative RMS reconstruction error of `weights` (or of a Gaussian
-    matrix when none are given) is at most max_error; returns the spec and the error it achieves."""
+    matrix when none are given) is at most max_error; returns the spec and the error it achieves. activations:
+    each format's family is chosen by activation type (auto: the first the format allows); None keeps spec's, and
+    a format that family does not take is passed over."""
     sample = error_sample(spec, weights)
     options, best = [], 1.0
     for b, g in formats(bits, group):
-        s = replace(spec, bits=b, group=g)
+        try:
+            s = (choose_family(activations, lambda name: replace(spec, bits=b, group=g, family=name)) if activations
+                 else replace(spec, bits=b, group=g))
+        except SpecError:
+            continue
         err = relative_error(sample, replace(s, rows=sample.shape[0]))
         best = min(best, err)
         if err <= max_error:

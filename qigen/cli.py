@@ -91,8 +91,8 @@ def _generate(args: argparse.Namespace) -> dict:
     shapes = tuple(args.shape or []) + tuple(s for s in weights if s not in (args.shape or []))
     request = Request(shapes=shapes, bits=args.bits, group=args.group,
                       symmetric=args.sym, scale_dtype=args.scale_dtype, batch=args.batch, target=args.target,
-                      isa=args.isa, threads=args.threads, tune=args.tune, max_error=args.max_error,
-                      weights=weights or None)
+                      isa=args.isa, activations=args.activations, threads=args.threads, tune=args.tune,
+                      max_error=args.max_error, weights=weights or None)
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     return generate(request, Path(args.out), log)
 
@@ -204,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--scale-dtype", choices=("fp16", "fp32"), default="fp16")
     g.add_argument("--batch", type=int, default=1, help="1: matrix-vector (decode); up to 512: prefill")
     g.add_argument("--isa", choices=("auto", *ISAS), default="auto")
+    add_activations(g, "fp32")
     g.add_argument("--threads", type=int, help="threads to plan and tune for (default: all cores)")
     g.add_argument("--tune", action="store_true", help="time the best predicted schedules and keep the fastest")
     g.add_argument("-o", "--out", required=True, help="output directory")

@@ -22,7 +22,8 @@ from perfmodel.search import Candidate, bits_per_weight, choose_format, error_sa
 from qigen.layout import layout
 from qigen.quant import relative_error
 from qigen.render import Source, render
-from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, best_isa, kernel_name
+from qigen.spec import (DEFAULT_GROUP, ISAS, KernelSpec, Schedule, SpecError, StepSpec, best_isa, choose_family,
+                        kernel_name)
 from runtime import bandwidth
 from runtime.compiler import Built, atomic_write, build as build_source, compile, stage
 from runtime.loader import Kernel, LoadError, Step, load as load_library
@@ -46,6 +47,7 @@ class Request:
     batch: int = 1
     target: str = "native"
     isa: str = "auto"
+    activations: str = "fp32"  # a family's activation type, or auto (the first the format allows)
     threads: int | None = None  # default: the target's cores
     tune: bool = False
     max_error: float | None = None
@@ -72,7 +74,8 @@ def _spec(request: Request, rows: int, cols: int, isa: str, host: Host) -> tuple
     if request.max_error is not None:
         return choose_format(base, host, request.max_error, weights,
                              None if request.bits == FREE else request.bits,
-                             "any" if request.group == FREE else request.group)
+                             "any" if request.group == FREE else request.group, request.activations)
+    base = choose_family(request.activations, lambda name: replace(base, family=name))
     sample = error_sample(base, weights)
     return base, relative_error(sample, replace(base, rows=sample.shape[0]))
 

@@ -57,7 +57,7 @@ def _check_kernel(k, batch: int | None = None, seed: int = 0) -> None:
     w = rng.standard_normal((spec.rows, spec.cols)).astype(np.float32)
     x = rng.standard_normal((batch, spec.cols) if batch else spec.cols).astype(np.float32)
     q = quantize(w, spec)
-    ref = reference(x, q, spec)
+    ref = reference(spec.traits.seen(x), q, spec)  # x as the family's kernels multiply it
     np.testing.assert_allclose(k(x, k.pack(q), threads=1), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
 
 
@@ -218,6 +218,21 @@ def test_max_error_picks_a_format(capsys, cache, tmp_path):
     expected, err = choose_format(KernelSpec(64, 128, 4, 128, isa=ISA), HOST, 0.2, None, None, "any")
     assert spec == expected and k["relative_error"] == err
     _check_kernel(qigen.load(tmp_path / "k").find(64, 128))
+
+
+def test_activations_pick_the_family(capsys, cache, tmp_path):
+    """--activations int8 generates integer-dot kernels, decode and prefill; auto with --max-error picks each
+    format's family; a format int8 cannot take is refused with the rule."""
+    for batch in (1, 8):
+        m = _generate_json(capsys, "--shape", "40x96", "--bits", "4", "--group", "32", "--activations", "int8",
+                           "--batch", batch, "-o", tmp_path / f"k{batch}")
+        assert m["kernels"][0]["spec"]["family"] == "wq_a8"
+        _check_kernel(qigen.load(tmp_path / f"k{batch}").find(40, 96), batch=3)
+    m = _generate_json(capsys, "--shape", "40x96", "--max-error", "0.2", "--activations", "auto", "-o", tmp_path / "a")
+    assert KernelSpec(**m["kernels"][0]["spec"]).traits.activations == "int8"
+    code, _, err = _qigen(capsys, "generate", "--shape", "40x96", "--group", "row", "--activations", "int8",
+                          "-o", tmp_path / "r")
+    assert code != 0 and "int8 activations need a group that is a multiple of 32" in err
 
 
 def test_weights_give_the_shape_and_the_error(capsys, cache, tmp_path):
