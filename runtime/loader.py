@@ -56,7 +56,7 @@ class Kernel:
 
     def check(self, weights: PackedWeights) -> None:
         """Raise ValueError unless `weights` are packed in this kernel's format: its family's bundle, array by array."""
-        if weights.layout is not layout(self.spec, self.schedule) and weights.layout != layout(self.spec, self.schedule):
+        if weights.layout is not self.layout and weights.layout != self.layout:
             raise ValueError(f"weights were packed for another layout than {self.name}'s")
         for a in self.bundle:
             got = weights.arrays.get(a.name)
@@ -107,6 +107,13 @@ def _floats(a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
         raise ValueError(f"{what}: a C-contiguous float32 array of shape {shape} expected, got "
                          f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
     return a
+
+
+def _rows(a: np.ndarray, cols: int, what: str) -> int:
+    """The rows of a C-contiguous float32 (rows, cols) array, checked."""
+    n = a.shape[0] if isinstance(a, np.ndarray) and a.ndim == 2 else 0
+    _floats(a, (n, cols), what)
+    return n
 
 
 @dataclass(frozen=True)
@@ -225,8 +232,7 @@ class BoundStep:
         c, ffi = self._step.spec.config, self._step._ffi
         if not 0 <= layer < c.layers:
             raise ValueError(f"layer {layer} is outside the {c.layers} layers")
-        n = qkv.shape[0] if isinstance(qkv, np.ndarray) and qkv.ndim == 2 else 0
-        _floats(qkv, (n, (c.heads + 2 * c.kv_heads) * c.head_dim), "qkv")
+        n = _rows(qkv, (c.heads + 2 * c.kv_heads) * c.head_dim, "qkv")
         if n < 1:
             raise ValueError("qkv: at least one token expected")
         k, v, cos, sin, _, context, _, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos, threads, n)
@@ -240,8 +246,7 @@ class BoundStep:
         """silu(gate)·up of a prefill chunk's gate_up product (n, 2 · intermediate), whose columns interleave gate's
         and up's: (n, intermediate)."""
         inter, ffi = self._step.spec.config.intermediate, self._step._ffi
-        n = gate_up.shape[0] if isinstance(gate_up, np.ndarray) and gate_up.ndim == 2 else 0
-        _floats(gate_up, (n, 2 * inter), "gate_up")
+        n = _rows(gate_up, 2 * inter, "gate_up")
         threads = self._threads(threads)
         out = np.empty((n, inter), np.float32)
         self._step._swiglu(ffi.from_buffer("float[]", gate_up), n, self._cast(out), threads)
@@ -250,8 +255,7 @@ class BoundStep:
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray, threads: int | None = None) -> np.ndarray:
         """RMSNorm of a prefill chunk's rows (n, hidden) with the model's eps, times weight (hidden,)."""
         hidden, ffi = self._step.spec.config.hidden, self._step._ffi
-        n = x.shape[0] if isinstance(x, np.ndarray) and x.ndim == 2 else 0
-        _floats(x, (n, hidden), "x")
+        n = _rows(x, hidden, "x")
         _floats(weight, (hidden,), "norm weight")
         threads = self._threads(threads)
         out = np.empty((n, hidden), np.float32)

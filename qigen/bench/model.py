@@ -255,17 +255,23 @@ class Run:
             list(model.generate(self.prompt, max_tokens=self.args.tokens, temperature=0, stats=stats))
             runs.append(stats.to_dict())
             probes.append(probe(threads))
-        prompt, decode = (summary([r[k] for r in runs]) for k in ("prompt_tokens_per_s", "decode_tokens_per_s"))
+        return self.speed_record([r["prompt_tokens_per_s"] for r in runs], [r["decode_tokens_per_s"] for r in runs],
+                                 probes, per_token, float(np.median([r["decode_share_in_kernels"] for r in runs])))
+
+    def speed_record(self, prompt_runs: list[float], decode_runs: list[float], probes: list[float], per_token: float,
+                     share_in_kernels: float | None) -> dict:
+        """One thread count's speed entry: medians and spreads of the runs, and decode against the bandwidth rate,
+        each run set against the higher of the probes around it (probes: one more than runs, or two around all)."""
+        prompt, decode = summary(prompt_runs), summary(decode_runs)
         bytes_per_token = per_token + self.kv
-        shares = [100 * r["decode_tokens_per_s"] * bytes_per_token / max(before, after)
-                  for r, before, after in zip(runs, probes, probes[1:])]
+        around = zip(probes, probes[1:]) if len(probes) == len(decode_runs) + 1 else [probes] * len(decode_runs)
+        shares = [100 * d * bytes_per_token / max(p) for d, p in zip(decode_runs, around)]
         bw = float(np.median(probes))
         return {"prompt_tokens_per_s": prompt["median"], "prompt_spread": prompt["spread"],
                 "decode_tokens_per_s": decode["median"], "decode_spread": decode["spread"],
                 "decode_runs": decode["values"], "ms_per_token": 1e3 / decode["median"],
-                "share_in_kernels": float(np.median([r["decode_share_in_kernels"] for r in runs])),
-                "read_bandwidth": bw, "bandwidth_probes": probes, "bandwidth_rate": bw / bytes_per_token,
-                "bandwidth_pct": float(np.median(shares))}
+                "share_in_kernels": share_in_kernels, "read_bandwidth": bw, "bandwidth_probes": probes,
+                "bandwidth_rate": bw / bytes_per_token, "bandwidth_pct": float(np.median(shares))}
 
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
@@ -325,19 +331,11 @@ class Run:
     def llama_bench(self, record: dict, tools: LlamaTools, path: Path, per_token: float) -> dict:
         """Speed from llama-bench (pp of the speed runs' prompt length, tg of --tokens, --repeat repetitions) with
         the bandwidth probed around it, perplexity from llama-perplexity."""
-        record["speed"], bytes_per_token = {}, per_token + self.kv
+        record["speed"] = {}
         for t in self.args.threads:
             before = probe(t)
             pp, tg = tools.speed(path, t, len(self.prompt), self.args.tokens, self.args.repeat)
-            after = probe(t)
-            prompt, decode = summary(pp), summary(tg)
-            record["speed"][t] = {
-                "prompt_tokens_per_s": prompt["median"], "prompt_spread": prompt["spread"],
-                "decode_tokens_per_s": decode["median"], "decode_spread": decode["spread"],
-                "decode_runs": decode["values"], "ms_per_token": 1e3 / decode["median"],
-                "share_in_kernels": None, "read_bandwidth": float(np.median([before, after])),
-                "bandwidth_probes": [before, after], "bandwidth_rate": max(before, after) / bytes_per_token,
-                "bandwidth_pct": 100 * decode["median"] * bytes_per_token / max(before, after), "tool": "llama-bench"}
+            record["speed"][t] = self.speed_record(pp, tg, [before, probe(t)], per_token, None) | {"tool": "llama-bench"}
         record["perplexity"], record["tokens_scored"] = tools.perplexity(path, self.evaluation, self.args.ctx,
                                                                          max(self.args.threads), self.args.max_windows)
         return record

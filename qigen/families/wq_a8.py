@@ -114,7 +114,7 @@ class WeightsA8(Family):
 
     def cycles(self, spec: KernelSpec, schedule: Schedule, host, n: int) -> float:
         lay, issue, r = layout(spec, schedule), spec.target.issue, schedule.row_vectors
-        subs, dot = layout(spec, schedule).chunk // 4, self.dot(spec)
+        subs, dot = lay.chunk // 4, self.dot(spec)
         per_word = {"dpbusd": 1, "maddubs": 2, "dot8": 6}[dot]  # per row vector and row of x: multiply-adds, sums
         # shifts, ANDs (and ORs) per chunk and row vector
         unpack = sum((e.shift > 0) + 1 + bool(e.hi_mask) * (2 + (e.hi_shift != 0)) for e in byte_reads(spec.bits))
