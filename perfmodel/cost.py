@@ -49,9 +49,10 @@ def bandwidth(host: Host, threads: int) -> float:
 
 
 def weight_bytes(spec: KernelSpec, schedule: Schedule) -> int:
-    """Bytes of the packed matrix: every array of its family's bundle that the format has."""
+    """Bytes of the packed matrix: every array of its family's bundle that the format has (outlier channels are
+    data some matrices have: not counted)."""
     return sum(np.dtype(a.dtype).itemsize * int(np.prod(a.shape))
-               for a in spec.traits.bundle(spec, schedule) if a.present)
+               for a in spec.traits.bundle(spec, schedule) if a.present and not a.optional)
 
 
 def predict(spec: KernelSpec, schedule: Schedule, host: Host, threads: int | None = None) -> Prediction:

@@ -16,7 +16,7 @@ from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.options import add_activations, add_format, threads
+from qigen.options import add_activations, add_format, add_outliers, threads
 from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, QuantSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
@@ -114,7 +114,7 @@ def _quant(args: argparse.Namespace):
     """The spec a GGUF / Hugging Face model is quantized with on load (None: run it in fp32)."""
     if args.fp32:
         return None
-    return QuantSpec(bits=args.bits, group=args.group)
+    return QuantSpec(bits=args.bits, group=args.group, outliers=args.outliers)
 
 
 def _peak_mb() -> float:
@@ -168,7 +168,7 @@ def _quantize(args: argparse.Namespace) -> dict:
 
     calib = Path(args.calib).read_text() if args.calib else None
     quant = QuantSpec(bits=args.bits, group=args.group, symmetric=args.sym, method=args.method,
-                      activations=args.activations)
+                      activations=args.activations, outliers=args.outliers)
     out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
     return {"file": str(out), "bytes": out.stat().st_size, "quant": asdict(quant)}
 
@@ -214,6 +214,7 @@ def parser() -> argparse.ArgumentParser:
     def model_options(c: argparse.ArgumentParser, default_help: str) -> None:
         c.add_argument("model", nargs="?", help=default_help)
         add_format(c, QuantSpec.bits, QuantSpec.group, what=" when a GGUF / HF model is quantized on load")
+        add_outliers(c, " when a GGUF / HF model is quantized on load")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
         add_activations(c, None, shown="the file's, else auto")
         c.add_argument("--threads", type=threads, help="threads (default: all cores)")
@@ -236,7 +237,9 @@ def parser() -> argparse.ArgumentParser:
     add_format(q, QuantSpec.bits, QuantSpec.group, sym=True)
     q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     add_activations(q, "auto")
-    q.add_argument("--calib", help="calibration text file (GPTQ)")
+    add_outliers(q)
+    q.add_argument("--calib", help="calibration text file for GPTQ and outliers (default: the one qigen ships, "
+                                   "qigen/calibration.txt)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on)")
     q.add_argument("-o", "--out", required=True, help="output .qigen file")

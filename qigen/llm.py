@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,7 +22,7 @@ from perfmodel.host import detect
 from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
 from qigen.layout import pack_codes, stored_layout, unpack_codes
 from qigen.pipeline import best_isa, build
-from qigen.quant import QuantizedWeights, dequantize
+from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec, prefill_spec
 from runtime import bandwidth
 from runtime.checkpoint import Checkpoint, default_model
@@ -63,8 +64,16 @@ def _restored(t: dict[str, np.ndarray], name: str, spec: KernelSpec) -> Quantize
     offsets = None if spec.symmetric else _tensor(t, f"{name}.offsets", spec.scales.numpy, groups)
     if spec.symmetric and f"{name}.offsets" in t:
         raise CheckpointError(f"tensor '{name}.offsets' is in a file of symmetric format, which has none")
-    return QuantizedWeights(unpack_codes(words.reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows), lay),
-                            _tensor(t, f"{name}.scales", spec.scales.numpy, groups), offsets)
+    outliers = t.get(f"{name}.outliers")  # checked by QuantizedWeights, with their weights
+    weights = None if outliers is None else _tensor(t, f"{name}.outlier_weights", np.float16,
+                                                    (spec.rows, getattr(outliers, "size", 0)))
+    if outliers is None and f"{name}.outlier_weights" in t:
+        raise CheckpointError(f"tensor '{name}.outlier_weights' is in the file without its channels")
+    try:
+        return QuantizedWeights(unpack_codes(words.reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows), lay),
+                                _tensor(t, f"{name}.scales", spec.scales.numpy, groups), offsets, outliers, weights)
+    except ValueError as e:
+        raise CheckpointError(f"'{name}': {e}") from e
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
@@ -152,10 +161,22 @@ def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = No
     return Model(weights, tokenizer, threads, kernels)
 
 
-def calibrate(ckpt: Checkpoint, text: str, ctx: int = 512, windows: int = 8) -> dict[str, np.ndarray]:
-    """Hessians 2/n·XᵀX of every linear layer's inputs, from the fp32 model over calibration text."""
+CALIBRATION = Path(__file__).with_name("calibration.txt")  # the default calibration text: licenses no benchmark
+# scores (Apache-2.0, MPL-2.0, Artistic)
+SAMPLE_EVERY = 16  # calibration tokens per input row kept to measure layers' output errors
+
+
+class Calibration(NamedTuple):
+    hessians: dict[str, np.ndarray]  # per linear layer: 2/n·XᵀX of its inputs (float64)
+    inputs: dict[str, np.ndarray]  # per linear layer: every SAMPLE_EVERY-th input row (float32)
+
+
+def calibrate(ckpt: Checkpoint, text: str, ctx: int = 512, windows: int = 8) -> Calibration:
+    """Every linear layer's input statistics from the fp32 model over calibration text: at least one window of
+    `ctx` tokens, at most `windows`."""
     model = Model(split_linears(ckpt), ckpt.tokenizer, threads=None)
     hessians: dict[str, np.ndarray] = {}
+    inputs: dict[str, list[np.ndarray]] = {}
     for i, lin in enumerate(model.linears):
         for n, linear in lin.items():
             name, decode = f"layers.{i}.{n}", linear.decode
@@ -163,40 +184,55 @@ def calibrate(ckpt: Checkpoint, text: str, ctx: int = 512, windows: int = 8) -> 
             def tap(x, threads, name=name, decode=decode):
                 x64 = x.astype(np.float64)
                 hessians[name] = hessians.get(name, 0) + x64.T @ x64
+                inputs.setdefault(name, []).append(x[::SAMPLE_EVERY].astype(np.float32))
                 return decode(x, threads)
 
             linear.decode = linear.prefill = tap
     ids = ckpt.tokenizer.encode(text)
-    if len(ids) < 2:
-        raise ValueError("the calibration text is empty")
+    if len(ids) < ctx:
+        raise ValueError(f"the calibration text is {len(ids)} tokens: at least one window of {ctx} is needed (--calib)")
     count = 0
     for start in range(0, min(len(ids), ctx * windows), ctx):
         window = ids[start:start + ctx]
         model.forward(window, model.new_state(len(window)), all_logits=False)
         count += len(window)
-    return {k: 2.0 * v / count for k, v in hessians.items()}
+    return Calibration({k: 2.0 * v / count for k, v in hessians.items()},
+                       {k: np.concatenate(v) for k, v in inputs.items()})
 
 
 def quantize_model(source: str | Path | None, quant: QuantSpec, out: Path, calib_text: str | None = None,
                    act_order: bool = False, progress: Callable[[str], None] = _log) -> Path:
-    """Offline: load a checkpoint (GGUF or Hugging Face), quantize it by RTN or GPTQ, write a .qigen file."""
+    """Offline: load a checkpoint (GGUF or Hugging Face), quantize it by RTN or GPTQ, keeping quant.outliers
+    input channels per layer in floating point (auto: chosen per layer by measurement), and write a .qigen file.
+    GPTQ and outliers calibrate on `calib_text`, by default the text shipped as qigen/calibration.txt."""
     ckpt = load_checkpoint(source or default_model(progress))
     weights = split_linears(ckpt)
-    if quant.method == "gptq":
-        if not calib_text:
-            raise ValueError("GPTQ needs calibration text (--calib FILE)")
+    if quant.method not in ("rtn", "gptq"):
+        raise ValueError(f"method '{quant.method}' is unknown: choose rtn or gptq")
+    quantizer = None
+    if quant.method == "gptq" or quant.outliers != 0:
         from qigen.gptq import gptq
+        from qigen.outliers import choose
 
         progress("collecting calibration statistics...")
-        hessians = calibrate(ckpt, calib_text)
+        calib = calibrate(ckpt, CALIBRATION.read_text() if calib_text is None else calib_text)
 
         def quantizer(m, spec, name):
-            progress(f"gptq {name} {m.shape[0]}x{m.shape[1]}")
-            return gptq(m, hessians[name], spec, act_order=act_order)
-    elif quant.method == "rtn":
-        quantizer = None
-    else:
-        raise ValueError(f"method '{quant.method}' is unknown: choose rtn or gptq")
+            h = calib.hessians[name]
+            rtn = lambda w, channels: quantize(w, spec)
+
+            def method(w, channels):  # GPTQ sees no input at the outlier channels
+                if quant.method == "rtn":
+                    return rtn(w, channels)
+                hz = h.copy()
+                hz[channels, :] = hz[:, channels] = 0.0
+                return gptq(w, hz, spec, act_order=act_order)
+
+            choice = choose(m, spec, quant.outliers, h, calib.inputs[name], method, measure=rtn)
+            k = 0 if choice.weights.outliers is None else choice.weights.outliers.size
+            progress(f"{quant.method} {name} {m.shape[0]}x{m.shape[1]}" + (f", {k} outlier channels" if quant.outliers
+                                                                          else ""))
+            return choice.weights
     save(out, quantize_weights(weights, quant, quantizer), ckpt.tokenizer, ckpt.sha256)
     return out
 

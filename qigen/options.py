@@ -1,11 +1,11 @@
-"""The command line's shared arguments, declared once: --bits, --group, --sym and --activations for generate, run,
-perplexity, quantize and both benches (which take comma-separated lists), and one parser per kind of value."""
+"""The command line's shared arguments, declared once: --bits, --group, --sym, --activations and --outliers for
+generate, run, perplexity, quantize and both benches (which take comma-separated lists), and one parser per kind of value."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
-from qigen.spec import BITS, GROUPS, activations, activations_help
+from qigen.spec import BITS, GROUPS, MAX_OUTLIERS, activations, activations_help
 
 
 class Invalid(argparse.ArgumentTypeError, ValueError):
@@ -60,6 +60,22 @@ def activation(text: str) -> str:
     if text not in activations():
         raise Invalid(f"activations {text} are not one of {', '.join(activations())}")
     return text
+
+
+def outliers(text: str) -> int | str:
+    """auto, or a count of outlier channels per layer: 0 to MAX_OUTLIERS."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) > MAX_OUTLIERS:
+        raise Invalid(f"outliers '{text}' is not auto or a count 0 to {MAX_OUTLIERS}")
+    return int(text)
+
+
+def add_outliers(p: argparse.ArgumentParser, what: str = "") -> None:
+    p.add_argument("--outliers", type=outliers, default=0,
+                   help=f"input channels per linear layer kept in floating point{what} (QUIK): a count 0 to "
+                        f"{MAX_OUTLIERS}, or auto: per layer the first of 0, 4, 8, 16, 32 whose next lowers the "
+                        "layer's output error on the calibration text by less than 10%% (default 0)")
 
 
 def _shown(value, lists: bool) -> str:

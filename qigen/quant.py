@@ -1,19 +1,35 @@
 """Round-to-nearest quantization into the kernels' format, its inverse and the numpy oracle."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from qigen.family import check_channels
 from qigen.spec import KernelSpec
 
 
 @dataclass(frozen=True)
 class QuantizedWeights:
-    """A quantized matrix, row by row: the arrays a family's packer turns into its bundle."""
+    """A quantized matrix, row by row: the arrays a family's packer turns into its bundle. Outlier channels (QUIK)
+    are inputs kept in floating point: the kernels multiply them by their fp16 weight columns, unquantized, and
+    take x as zero there for the codes (whose columns there are whatever the quantizer left)."""
     codes: np.ndarray  # (rows, cols) uint8, 0 .. 2^bits - 1
     scales: np.ndarray  # (rows, groups) in the spec's scale dtype
     offsets: np.ndarray | None  # (rows, groups) same dtype; None when symmetric
+    outliers: np.ndarray | None = None  # (k,) int32: the outlier channels, ascending; None: none
+    outlier_weights: np.ndarray | None = None  # (rows, k) fp16: W's columns at those channels
+
+    def __post_init__(self) -> None:
+        if self.outliers is None and self.outlier_weights is None:
+            return
+        rows, cols = self.codes.shape
+        check_channels(self.outliers, cols)
+        ow = self.outlier_weights
+        if not (isinstance(ow, np.ndarray) and ow.dtype == np.float16 and ow.shape == (rows, self.outliers.size)
+                and np.isfinite(ow).all()):
+            raise ValueError(f"outlier weights should be finite fp16 of shape {(rows, self.outliers.size)}, not "
+                             f"{getattr(ow, 'dtype', type(ow).__name__)} {getattr(ow, 'shape', '')}")
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays by name, those the format has."""
@@ -21,7 +37,15 @@ class QuantizedWeights:
 
     def take_rows(self, rows: np.ndarray) -> QuantizedWeights:
         return QuantizedWeights(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
-                                   for f in fields(self)})
+                                   for f in fields(self) if f.name != "outliers"}, outliers=self.outliers)
+
+    def with_outliers(self, w: np.ndarray, channels: np.ndarray) -> QuantizedWeights:
+        """These codes, keeping W's columns at `channels` (ascending) in fp16; none when channels is empty."""
+        if not len(channels):
+            return replace(self, outliers=None, outlier_weights=None)
+        channels = np.asarray(channels, np.int32)
+        check_channels(channels, self.codes.shape[1])
+        return replace(self, outliers=channels, outlier_weights=w[:, channels].astype(np.float16))
 
 
 def _grouped(w: np.ndarray, spec: KernelSpec) -> np.ndarray:
@@ -59,12 +83,16 @@ def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
 
 
 def dequantize(q: QuantizedWeights, spec: KernelSpec) -> np.ndarray:
+    """The matrix the weights stand for: codes dequantized, outlier columns as kept."""
     g = spec.group_size
     s = np.repeat(q.scales.astype(np.float32), g, axis=1)[:, : spec.cols]
     if q.offsets is None:
-        return s * (q.codes.astype(np.float32) - spec.zero_point)
-    o = np.repeat(q.offsets.astype(np.float32), g, axis=1)[:, : spec.cols]
-    return s * q.codes + o
+        w = s * (q.codes.astype(np.float32) - spec.zero_point)
+    else:
+        w = s * q.codes + np.repeat(q.offsets.astype(np.float32), g, axis=1)[:, : spec.cols]
+    if q.outliers is not None:
+        w[:, q.outliers] = q.outlier_weights.astype(np.float32)
+    return w
 
 
 def relative_error(w: np.ndarray, spec: KernelSpec) -> float:

@@ -23,6 +23,7 @@ BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row
 DEFAULT_GROUP = 128  # a kernel's (a model's is QuantSpec's)
 MAX_BATCH = 512
+MAX_OUTLIERS = 64  # input channels a matrix may keep in floating point (QUIK's outlier channels), at most
 
 
 class SpecError(ValueError):
@@ -247,6 +248,8 @@ class QuantSpec:
     head_group: int | None = 32
     activations: str = "auto"  # a family's activation type (e.g. int8: integer dot products), or "auto":
     # the first family, best first, whose rules the format meets; the head likewise
+    outliers: int | str = 0  # input channels per linear layer kept in floating point (see qigen.outliers), or
+    # "auto": per layer, by measurement on calibration text
 
     def __post_init__(self) -> None:
         kinds = {"bits": int, "head_bits": int, "symmetric": bool, "scale_dtype": str, "method": str,
@@ -258,6 +261,9 @@ class QuantSpec:
             raise SpecError(f"quant: {bad}={getattr(self, bad)!r} is not a group size or none (one group per row)")
         if self.method not in METHODS:
             raise SpecError(f"quant: method '{self.method}' is unknown: choose {', '.join(METHODS)}")
+        if not (self.outliers == "auto" or (_exactly(self.outliers, int) and 0 <= self.outliers <= MAX_OUTLIERS)):
+            raise SpecError(f"quant: outliers={self.outliers!r}: choose auto or a count of input channels 0 to "
+                            f"{MAX_OUTLIERS}")
         if self.activations not in activations():
             raise SpecError(f"activations '{self.activations}' are unknown: choose {', '.join(activations())}")
         self.kernel_spec(1, 1)  # names the rule the format breaks, e.g. for int8 activations

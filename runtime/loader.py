@@ -58,13 +58,7 @@ class Kernel:
         """Raise ValueError unless `weights` are packed in this kernel's format: its family's bundle, array by array."""
         if weights.layout is not self.layout and weights.layout != self.layout:
             raise ValueError(f"weights were packed for another layout than {self.name}'s")
-        for a in self.bundle:
-            got = weights.arrays.get(a.name)
-            if (got is None) == a.present or (got is not None and (got.dtype != a.dtype or got.shape != a.shape)):
-                want = f"{np.dtype(a.dtype).name} {a.shape}" if a.present else "none"
-                have = "none" if got is None else f"{got.dtype} {got.shape}"
-                raise ValueError(f"weights are not in {self.name}'s format: {a.name} should be {want}, not {have}; "
-                                 "pack them with kernel.pack()")
+        self.spec.traits.check_packed(self.spec, self.schedule, weights.arrays)
 
     def pointers(self, weights: PackedWeights) -> list[np.ndarray | None]:
         """The bundle's arrays in the order the kernels take them, None where the format has none."""

@@ -21,8 +21,9 @@ from qigen.pipeline import load as load_kernel_set
 from qigen.layout import pack
 from qigen.quant import QuantizedWeights, quantize, reference
 from qigen.render import render
-from qigen.spec import KernelSpec, Schedule, SpecError, check, kernel_name
+from qigen.spec import KernelSpec, QuantSpec, Schedule, SpecError, check, kernel_name
 from runtime.checkpoint import CheckpointError
+from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import CompileError, build, compile, compiler, flags
 from runtime.loader import LoadError, load
 
@@ -575,6 +576,50 @@ def test_pack_checks_the_codes_and_scales(weights):
         pack(weights, replace(BASE, symmetric=True), NARROW)
     with pytest.raises(ValueError, match="asymmetric ones need them"):
         pack(QuantizedWeights(weights.codes, weights.scales, None), BASE, NARROW)
+
+
+def test_outliers_are_checked(weights, kernel):
+    w, _ = _data(37, 100)
+    with pytest.raises(ValueError, match="in ascending order"):
+        weights.with_outliers(w, np.array([7, 3]))
+    with pytest.raises(ValueError, match="distinct inputs 0..99"):
+        weights.with_outliers(w, np.array([3, 100]))
+    with pytest.raises(ValueError, match=r"1 to 64 int32 input channels, not int32 \(65,\)"):
+        weights.with_outliers(w, np.arange(65))
+    with pytest.raises(ValueError, match=r"outlier weights should be finite fp16 of shape \(37, 2\)"):
+        replace(weights.with_outliers(w, np.array([1, 2])), outlier_weights=np.zeros((37, 3), np.float16))
+    packed = kernel.pack(weights.with_outliers(w, np.array([0, 99])))
+    bad = dict(packed.arrays, outliers=np.array([3, 0, 99], np.int32))  # a count past its channels
+    with pytest.raises(ValueError, match="the count k, then k channels"):
+        kernel(np.ones(100, np.float32), replace(packed, arrays=bad))
+    bad = dict(packed.arrays, outlier_weights=packed.arrays["outlier_weights"][:1])
+    with pytest.raises(ValueError, match=r"outlier_weights should be float16 \(2, \d+\) or none"):
+        kernel(np.ones(100, np.float32), replace(packed, arrays=bad))
+    bad = {k: v for k, v in packed.arrays.items() if k != "outlier_weights"}
+    with pytest.raises(ValueError, match="outliers without their weights"):
+        kernel(np.ones(100, np.float32), replace(packed, arrays=bad))
+
+
+def test_cli_outlier_count(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["quantize", "--outliers", "65", "-o", "x.qigen"])
+    assert e.value.code == 2 and "outliers '65' is not auto or a count 0 to 64" in capsys.readouterr().err
+
+
+def test_outlier_count_and_calibration_text_are_checked(tmp_path):
+    from qigen.llm import calibrate
+    from qigen.outliers import choose
+
+    with pytest.raises(SpecError, match="outliers=65: choose auto or a count of input channels 0 to 64"):
+        QuantSpec(outliers=65)
+    with pytest.raises(SpecError, match="outliers='many'"):
+        QuantSpec(outliers="many")
+    w, _ = _data(37, 40)
+    spec = replace(BASE, cols=40, group=None)
+    with pytest.raises(ValueError, match="50 outlier channels of a layer of 40 inputs"):
+        choose(w, spec, 50, np.eye(40), w[:4].T, lambda m, ch: quantize(m, spec))
+    with pytest.raises(ValueError, match="calibration text is 1 tokens: at least one window of 512"):
+        calibrate(load_checkpoint(os.environ["QIGEN_TEST_GGUF"]), "Hello")
 
 
 def test_cli_nan_weights(capsys, monkeypatch, tmp_path):

@@ -19,6 +19,7 @@ import pytest
 
 from perfmodel.host import detect, from_target
 from perfmodel.search import schedules
+from qigen.family import MAX_OUTLIERS
 from qigen.layout import layout, pack_codes, unpack_codes
 from qigen.quant import quantize, reference
 from qigen.render import render
@@ -126,6 +127,20 @@ def test_kernel_matches_reference(libraries, isa, spec, schedule):
     vec = rng.standard_normal(spec.cols).astype(np.float32)
     np.testing.assert_allclose(kernel(vec, packed, threads=1), reference(seen(vec), q, spec), rtol=0,
                                atol=2e-6 * (np.abs(vec) @ magnitude).max())
+    # outlier channels, kept in fp16 and unquantized x: the first, the last, adjacent ones, or as many as allowed
+    c = spec.cols
+    most = min(MAX_OUTLIERS, c)
+    choices = [[0], [c - 1], [c // 2, c // 2 + 1, c // 2 + 2], np.arange(most) * c // most]
+    channels = np.unique(np.asarray(choices[zlib.crc32(kernel.name.encode()) % 4]) % c)
+    qo = q.with_outliers(w, channels)
+    magnitude[channels] = np.abs(qo.outlier_weights.astype(np.float32)).T
+    packed = kernel.pack(qo)
+    for n in (1, schedule.col_tile + 1):
+        x = rng.standard_normal((n, c)).astype(np.float32)
+        x[:, channels] *= 100
+        got = kernel(x, packed, bias=bias, threads=2)
+        np.testing.assert_allclose(got, reference(seen(x, channels), qo, spec, bias), rtol=0,
+                                   atol=2e-6 * (np.abs(x) @ magnitude).max() + 1e-6, err_msg=f"outliers {channels}")
 
 
 @pytest.mark.parametrize("bits", BITS)

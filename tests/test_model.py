@@ -126,6 +126,48 @@ def test_int8_activations_keep_perplexity(ckpt):
     assert all(linear.shared for layer in int8.linears for linear in layer.values()) and int8.head.shared
 
 
+def test_outlier_channels_on_the_real_model(ckpt, tmp_path):
+    """4-bit g128 with outlier channels chosen per layer by measurement (a short calibration): the .qigen file keeps
+    them, the decode step and the Python loop agree on them, and int8 prefill perplexity stays within 3% of fp32
+    activations on the same weights."""
+    from qigen.llm import calibrate
+    from qigen.outliers import choose
+    from qigen.quant import quantize
+
+    calib = calibrate(ckpt, (Path(__file__).parent.parent / "qigen" / "calibration.txt").read_text()[:4000], ctx=128,
+                      windows=2)
+    counts = {}
+
+    def quantizer(m, spec, name):
+        q = choose(m, spec, "auto", calib.hessians[name], calib.inputs[name], lambda w, ch: quantize(w, spec)).weights
+        counts[name] = 0 if q.outliers is None else q.outliers.size
+        return q
+
+    w = quantize_weights(split_linears(ckpt), QuantSpec(4, 128), quantizer)
+    assert 0 < sum(counts.values()) and min(counts.values()) < max(counts.values())  # chosen per layer
+    save(tmp_path / "o.qigen", w, ckpt.tokenizer, ckpt.sha256)
+    back = load_file(tmp_path / "o.qigen")[0]
+    for a, b in zip(w.layers, back.layers):
+        for n in ("qkv", "gate_up", "down"):
+            x, y = getattr(a, n), getattr(b, n)
+            assert (x.outliers is None) == (y.outliers is None)
+            if x.outliers is not None:
+                np.testing.assert_array_equal(x.outliers, y.outliers)
+                np.testing.assert_array_equal(x.outlier_weights, y.outlier_weights)
+    f32 = replace(back, quant=replace(back.quant, activations="fp32"))
+    step, loop = build_model(f32, ckpt.tokenizer, threads=2), build_model(f32, ckpt.tokenizer, threads=2, fused=False)
+    ids = ckpt.tokenizer.encode(PROMPTS[0])
+    a, b = step.new_state(len(ids) + 4), loop.new_state(len(ids) + 4)
+    step.prefill(ids, a), loop.prefill(ids, b)
+    for token in (5, 99, 1000, 7):
+        fused, python = step.forward([token], a), loop.forward([token], b)
+        np.testing.assert_allclose(fused, python, rtol=0, atol=1e-4 * np.abs(python).max())
+    text = (Path(__file__).parent.parent / "qigen" / "bench" / "gpl-3.txt").read_text()[:3000]
+    p8 = build_model(back, ckpt.tokenizer, 2).perplexity(text, ctx=128)[0]
+    p32 = step.perplexity(text, ctx=128)[0]
+    assert abs(p8 - p32) / p32 < 0.03
+
+
 def test_generate_streams_and_stops(q8):
     stats = Stats()
     pieces = list(q8.generate(PROMPTS[1], max_tokens=12, stats=stats))
@@ -227,6 +269,12 @@ def q8_file(ckpt, tmp_path_factory) -> Path:
      "'layers.0.o.words' is int32"),
     (None, lambda t: t.update({"layers.0.attn_norm": t["layers.0.attn_norm"][:-1]}), "'layers.0.attn_norm' is float32 (575,)"),
     (None, lambda t: t.pop("head.scales"), "'head.scales' is missing"),
+    (None, lambda t: t.update({"layers.0.o.outliers": np.array([5, 3], np.int32),
+                               "layers.0.o.outlier_weights": np.zeros((576, 2), np.float16)}), "ascending order"),
+    (None, lambda t: t.update({"layers.0.o.outliers": np.array([5, 900], np.int32),
+                               "layers.0.o.outlier_weights": np.zeros((576, 2), np.float16)}), "inputs 0..575"),
+    (None, lambda t: t.update({"layers.0.o.outliers": np.array([5], np.int32)}), "'layers.0.o.outlier_weights' is missing"),
+    (None, lambda t: t.update({"layers.0.o.outlier_weights": np.zeros((576, 1), np.float16)}), "without its channels"),
 ])
 def test_qigen_file_nonsense_is_refused(q8_file, tmp_path, meta, tensors, error):
     with pytest.raises(CheckpointError, match=re.escape(error)):

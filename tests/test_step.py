@@ -55,16 +55,24 @@ def build(step: StepSpec, schedule: Schedule | None = None):
     return load(built.path, source.cdef, pairs, (step,))[step.name]
 
 
-def random_model(step: StepSpec, seed: int = 0):
-    """Random weights: quantized (what the step reads) and dequantized (what the reference multiplies)."""
+def outlier_channels(layer: int, role: int, cols: int) -> np.ndarray:
+    """Outlier channels that differ by layer and product: the first, the last, adjacent ones, none."""
+    return np.array([[0], [cols - 1], [1, 2, 3, cols // 2], []][(layer + role) % 4], np.int32)
+
+
+def random_model(step: StepSpec, seed: int = 0, outliers: bool = False):
+    """Random weights: quantized (what the step reads) and dequantized (what the reference multiplies); with
+    outliers, the products keep outlier_channels."""
     rng = np.random.default_rng(seed)
     c = step.config
     norm = lambda: (1 + 0.1 * rng.standard_normal(c.hidden)).astype(np.float32)
     quantized, layers = [], []
     for i in range(c.layers):
         specs = {n: step.linear(i, n) for n in ROLE_NAMES}
-        q = {n: quantize((rng.standard_normal((s.rows, s.cols)) / np.sqrt(s.cols)).astype(np.float32), s)
-             for n, s in specs.items()}
+        w = {n: (rng.standard_normal((s.rows, s.cols)) / np.sqrt(s.cols)).astype(np.float32) for n, s in specs.items()}
+        q = {n: quantize(w[n], s) for n, s in specs.items()}
+        if outliers:
+            q = {n: q[n].with_outliers(w[n], outlier_channels(i, r, specs[n].cols)) for r, n in enumerate(ROLE_NAMES)}
         d = {n: dequantize(q[n], specs[n]) for n in q}
         quantized.append(q | {"attn_norm": norm(), "ffn_norm": norm()})
         layers.append(Layer(quantized[-1]["attn_norm"], d["qkv"], d["o"], quantized[-1]["ffn_norm"], d["gate_up"],
@@ -95,12 +103,15 @@ def _params():
 @pytest.mark.parametrize("isa,fmt,size", list(_params()))
 def test_step_matches_python_forward(isa, fmt, size):
     step = step_spec(size, FORMATS[fmt], isa)
-    quantized, final, head, reference = random_model(step)
+    # seed 1: with seed 0 one format's head input at position 8 lies 4e-6 of an int8 step from a rounding tie, which
+    # numpy's and the kernels' float arithmetic break apart
+    quantized, final, head, reference = random_model(step, seed=1, outliers=True)
     run = bound(build(step), quantized, final, head)
     ref = Model(reference, None, threads=2)
     for i, (layer, lin) in enumerate(zip(reference.layers, ref.linears)):  # x as each product's kernel sees it
         for n, product in lin.items():
-            product.decode = lambda x, threads, m=getattr(layer, n), s=step.linear(i, n): s.traits.seen(x) @ m.T
+            product.decode = lambda x, threads, m=getattr(layer, n), s=step.linear(i, n), o=quantized[i][n].outliers: \
+                s.traits.seen(x, o) @ m.T
     ref.head.decode = lambda x, threads: step.head.traits.seen(x) @ reference.head.T
     ref_state = ref.new_state(TOKENS)
     k, v = np.zeros_like(ref_state.k), np.zeros_like(ref_state.v)

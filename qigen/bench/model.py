@@ -223,12 +223,13 @@ def weight_counts(ckpt: Checkpoint) -> tuple[int, int]:
 
 
 def packed_bytes(path: Path) -> int:
-    """Bytes of the .qigen file's linear-layer and head tensors (codes, scales, offsets): what decode streams."""
+    """Bytes of the .qigen file's linear-layer and head tensors (codes, scales, offsets, outlier channels and their
+    weights): what decode streams."""
     from safetensors import safe_open
 
     with safe_open(str(path), "numpy") as f:
         return sum(f.get_tensor(k).nbytes for k in f.keys() if k.startswith(("layers.", "head."))
-                   and k.endswith((".words", ".scales", ".offsets")))
+                   and k.endswith((".words", ".scales", ".offsets", ".outliers", ".outlier_weights")))
 
 
 class Run:

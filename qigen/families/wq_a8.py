@@ -146,18 +146,24 @@ class WeightsA8(Family):
             block_chunks=block_chunks, blocks=blocks, group_blocks=spec.group_size // BLOCK,
             col_tile=schedule.col_tile, pass_vectors=self.pass_vectors(spec, schedule) if spec.kind == "gemm" else 1)
 
-    def seen(self, x: np.ndarray) -> np.ndarray:
-        """Per block of BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32 (the kernels' own arithmetic)."""
+    def seen(self, x: np.ndarray, outliers: np.ndarray | None = None) -> np.ndarray:
+        """Per block of BLOCK inputs, rint(x·127/absmax)·absmax/127 in float32 (the kernels' own arithmetic), the
+        outlier channels taken as zero for that and kept as they are."""
         x = np.asarray(x, dtype=np.float32)
         cols = x.shape[-1]
         blocks = np.zeros(x.shape[:-1] + (-(-cols // BLOCK) * BLOCK,), np.float32)
         blocks[..., :cols] = x
+        if outliers is not None:
+            blocks[..., outliers] = 0.0
         blocks = blocks.reshape(x.shape[:-1] + (-1, BLOCK))
         amax = np.abs(blocks).max(-1, keepdims=True)
         with np.errstate(divide="ignore"):
             inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
         q = np.rint(blocks * inv)
-        return (q * (amax / np.float32(127))).astype(np.float32).reshape(x.shape[:-1] + (-1,))[..., :cols]
+        seen = (q * (amax / np.float32(127))).astype(np.float32).reshape(x.shape[:-1] + (-1,))[..., :cols]
+        if outliers is not None:
+            seen[..., outliers] = x[..., outliers]
+        return seen
 
 
 FAMILY = WeightsA8()

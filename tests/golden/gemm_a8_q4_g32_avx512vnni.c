@@ -90,10 +90,19 @@ static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
    Each row of X is quantized to int8 per block of 32 inputs, as the matrix-vector kernel's prep does; then per
    tile of 32 rows and panel of 4 rows of X, a register micro-kernel of integer dot products over all
    inputs, one float multiply-add per block. */
-/* scratch (1280 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (1344 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(const float *xj, float *scratch)
+static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[4096];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 1280)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 1024, *xsum = sx + 128;
     for (int g = 0; g < 128; g++)
@@ -123,24 +132,26 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(const 
 }
 
 /* out[j][row] for 2 row vectors of a tile (wt, st, ot point at the first's words, scales and offsets; out at
-   its outputs) and the panel's rows j of X, from their prepared x (xs, 1280 floats each) */
+   its outputs; outlier_w at their outlier weights) and the panel's rows j of X, from their prepared x (xs, 1344
+   floats each) */
 static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const uint32_t *restrict wt, const uint16_t *restrict st, const uint16_t *restrict ot,
+                           const int32_t *restrict outliers, const uint16_t *restrict outlier_w,
                            const float *restrict xs, float *restrict out)
 {
     const uint32_t *xw0 = (const uint32_t *)(xs + 0);
     const float *sx0 = xs + 1024, *xsum0 = sx0 + 128;
     vf f0_0 = vf_zero();
     vf f0_1 = vf_zero();
-    const uint32_t *xw1 = (const uint32_t *)(xs + 1280);
-    const float *sx1 = xs + 2304, *xsum1 = sx1 + 128;
+    const uint32_t *xw1 = (const uint32_t *)(xs + 1344);
+    const float *sx1 = xs + 2368, *xsum1 = sx1 + 128;
     vf f1_0 = vf_zero();
     vf f1_1 = vf_zero();
-    const uint32_t *xw2 = (const uint32_t *)(xs + 2560);
-    const float *sx2 = xs + 3584, *xsum2 = sx2 + 128;
+    const uint32_t *xw2 = (const uint32_t *)(xs + 2688);
+    const float *sx2 = xs + 3712, *xsum2 = sx2 + 128;
     vf f2_0 = vf_zero();
     vf f2_1 = vf_zero();
-    const uint32_t *xw3 = (const uint32_t *)(xs + 3840);
-    const float *sx3 = xs + 4864, *xsum3 = sx3 + 128;
+    const uint32_t *xw3 = (const uint32_t *)(xs + 4032);
+    const float *sx3 = xs + 5056, *xsum3 = sx3 + 128;
     vf f3_0 = vf_zero();
     vf f3_1 = vf_zero();
     for (int g = 0; g < 128; g++) {
@@ -254,6 +265,34 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const ui
             f3_1 = vf_fma(of1, xg, f3_1);
         }
     }
+    if (outliers)
+        for (int o = 0; o < outliers[0]; o++) {
+            const vf xb = vf_set1((xs + 1280)[o]);
+            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
+            f0_0 = vf_fma(vf_load_h(wo + 0), xb, f0_0);
+            f0_1 = vf_fma(vf_load_h(wo + 16), xb, f0_1);
+        }
+    if (outliers)
+        for (int o = 0; o < outliers[0]; o++) {
+            const vf xb = vf_set1((xs + 2624)[o]);
+            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
+            f1_0 = vf_fma(vf_load_h(wo + 0), xb, f1_0);
+            f1_1 = vf_fma(vf_load_h(wo + 16), xb, f1_1);
+        }
+    if (outliers)
+        for (int o = 0; o < outliers[0]; o++) {
+            const vf xb = vf_set1((xs + 3968)[o]);
+            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
+            f2_0 = vf_fma(vf_load_h(wo + 0), xb, f2_0);
+            f2_1 = vf_fma(vf_load_h(wo + 16), xb, f2_1);
+        }
+    if (outliers)
+        for (int o = 0; o < outliers[0]; o++) {
+            const vf xb = vf_set1((xs + 5312)[o]);
+            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
+            f3_0 = vf_fma(vf_load_h(wo + 0), xb, f3_0);
+            f3_1 = vf_fma(vf_load_h(wo + 16), xb, f3_1);
+        }
     vf_store(out + 0, f0_0);
     vf_store(out + 16, f0_1);
     vf_store(out + 32, f1_0);
@@ -264,13 +303,13 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const ui
     vf_store(out + 112, f3_1);
 }
 
-int gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
     const uint16_t *scales = scales_;
     const uint16_t *offsets = offsets_;
     const int panels = (n + 3) / 4;
     /* every row of X prepared, and the last panel's missing rows zero: their outputs are dropped */
-    float *xs = qigen_alloc(sizeof(float) * 1280 * panels * 4);
+    float *xs = qigen_alloc(sizeof(float) * 1344 * panels * 4);
     if (!xs)
         return -1;
 #pragma omp parallel num_threads(threads)
@@ -278,9 +317,9 @@ int gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0(const uint32_t *w, 
 #pragma omp for
         for (int j = 0; j < panels * 4; j++) {
             if (j < n)
-                gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(x + (size_t)j * 4096, xs + (size_t)j * 1280);
+                gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_prep(x + (size_t)j * 4096, outliers, xs + (size_t)j * 1344);
             else
-                memset(xs + (size_t)j * 1280, 0, sizeof(float) * 1280);
+                memset(xs + (size_t)j * 1344, 0, sizeof(float) * 1344);
         }
         /* tile-major: each thread's consecutive panels reuse its tile's words from cache */
 #pragma omp for schedule(static)
@@ -291,7 +330,8 @@ int gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0(const uint32_t *w, 
                 gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(w + (size_t)t * 16384 + q * VW,
                                scales + (size_t)t * 4096 + q * VW,
                                offsets + (size_t)t * 4096 + q * VW,
-                               xs + (size_t)p * 5120, out + q * VW);
+                               outliers, outliers ? (const uint16_t *)outlier_w + (size_t)t * 32 + q * VW : NULL,
+                               xs + (size_t)p * 5376, out + q * VW);
             const int r1 = 4096 - t * 32 < 32 ? 4096 - t * 32 : 32;
             const int j1 = n - p * 4 < 4 ? n - p * 4 : 4;
             for (int j = 0; j < j1; j++)

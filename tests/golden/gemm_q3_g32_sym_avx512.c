@@ -151,7 +151,7 @@ static void gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk(const float *
     vf_store(yb + 176, a5_1);
 }
 
-int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
     const float *scales = scales_;
     const float *offsets = offsets_;
@@ -161,10 +161,12 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
     float *wbuf = qigen_alloc(sizeof(float) * 4096 * threads);
     float *ybuf = qigen_alloc(sizeof(float) * 32 * ycols * threads);
     float *xp = qigen_alloc(sizeof(float) * 4096 * ycols);
-    if (!wbuf || !ybuf || !xp) {
+    float *xo = outliers ? qigen_alloc(sizeof(float) * 64 * ycols) : NULL;  /* per row: the outliers' x */
+    if (!wbuf || !ybuf || !xp || (outliers && !xo)) {
         free(wbuf);
         free(ybuf);
         free(xp);
+        free(xo);
         return -1;
     }
     /* X in panels of 6 columns, k-major, zero-padded: the micro-kernel reads it in order */
@@ -174,6 +176,13 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
             for (int j = 0; j < 6; j++) {
                 int col = p * 6 + j;
                 xp[((size_t)p * 4096 + i) * 6 + j] = col < n ? x[(size_t)col * 4096 + i] : 0.0f;
+            }
+    if (outliers)  /* the outlier channels' x kept aside, zero for the codes */
+        for (int col = 0; col < n; col++)
+            for (int o = 0; o < outliers[0]; o++) {
+                const int i = outliers[1 + o], p = col / 6, j = col % 6;
+                xo[(size_t)col * 64 + o] = x[(size_t)col * 4096 + i];
+                xp[((size_t)p * 4096 + i) * 6 + j] = 0.0f;
             }
 #pragma omp parallel num_threads(threads)
     {
@@ -376,6 +385,21 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
                     gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128_mk(wb, xp + ((size_t)p * 4096 + c0 * 32) * 6, klen,
                                     yb + (size_t)p * 192);
             }
+            if (outliers)
+                for (int j = 0; j < n; j++) {
+                    float *yt = yb + (size_t)j * 32;
+                    vf a0 = vf_load(yt + 0);
+                    vf a1 = vf_load(yt + 16);
+                    if (outliers)
+                        for (int o = 0; o < outliers[0]; o++) {
+                            const vf xb = vf_set1((xo + (size_t)j * 64)[o]);
+                            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 11008 + t * 32;
+                            a0 = vf_fma(vf_load_h(wo + 0), xb, a0);
+                            a1 = vf_fma(vf_load_h(wo + 16), xb, a1);
+                        }
+                    vf_store(yt + 0, a0);
+                    vf_store(yt + 16, a1);
+                }
             int r1 = 11008 - t * 32 < 32 ? 11008 - t * 32 : 32;
             for (int j = 0; j < n; j++)
                 for (int r = 0; r < r1; r++)
@@ -386,6 +410,7 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
     free(wbuf);
     free(ybuf);
     free(xp);
+    free(xo);
     return 0;
 }
 

@@ -52,9 +52,18 @@ static void *qigen_alloc(size_t bytes) { return aligned_alloc(64, (bytes + 63) /
 
 /* gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 4096x4096, schedule r2a2n1kb0.
    Tiles of 16 rows, one SIMD lane per row; 2 partial sums per row vector. */
-/* scratch (4128 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
-static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *xj, float *scratch)
+/* scratch (4192 floats): x scaled to meet AND-read codes, then x summed per group for the offsets */
+static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[4096];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 4128)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     float *xs = scratch, *xsum = scratch + 4096;
     static const float prescale[8] = { 1.0f, 0.0625f, 0.00390625f, 0.000244140625f, 1.0f, 0.0625f, 0.00390625f, 0.000244140625f };
     for (int c = 0; c < 512; c++)
@@ -75,7 +84,8 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(const float *x
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const float *xs = scratch, *xsum = scratch + 4096;
 #pragma omp for schedule(guided)
@@ -155,6 +165,13 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
             acc1 = vf_fma(vf_load_h(ot + 8), xg, acc1);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 4128)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + t * 16;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                acc1 = vf_fma(vf_load_h(wo + 8), xb, acc1);
+            }
         float out[16];
         vf_store(out + 0, acc0);
         vf_store(out + 8, acc1);
@@ -164,15 +181,15 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
     }
 }
 
-int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 4128);
+    float *scratch = qigen_alloc(sizeof(float) * 4192);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(x + (size_t)j * 4096, scratch);
+        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_prep(x + (size_t)j * 4096, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 4096);
+        gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 4096);
     }
     free(scratch);
     return 0;

@@ -71,10 +71,19 @@ static inline float qigen_exp(float x)
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 120x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (88 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj, float *scratch)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[72];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 24)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
@@ -106,7 +115,8 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(const float *xj
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 18, *xsum = sx + 3;
@@ -140,6 +150,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t
             acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 24)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 120 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 120 - t * 8 < 8 ? 120 - t * 8 : 8;
@@ -148,15 +164,15 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t
     }
 }
 
-int gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 24);
+    float *scratch = qigen_alloc(sizeof(float) * 88);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
+        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(x + (size_t)j * 72, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 120);
+        gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 120);
     }
     free(scratch);
     return 0;
@@ -165,10 +181,19 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (88 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj, float *scratch)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[72];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 24)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
@@ -200,7 +225,8 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(const float *xj,
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 18, *xsum = sx + 3;
@@ -234,6 +260,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t 
             acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 24)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 72 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 72 - t * 8 < 8 ? 72 - t * 8 : 8;
@@ -242,15 +274,15 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t 
     }
 }
 
-int gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 24);
+    float *scratch = qigen_alloc(sizeof(float) * 88);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(x + (size_t)j * 72, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 72);
     }
     free(scratch);
     return 0;
@@ -259,10 +291,19 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0(const uint32_t *w, const void
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 200x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (88 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj, float *scratch)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[72];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 24)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
@@ -294,7 +335,8 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(const float *xj
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 18, *xsum = sx + 3;
@@ -328,6 +370,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t
             acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 24)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 200 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 200 - t * 8 < 8 ? 200 - t * 8 : 8;
@@ -339,7 +387,7 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t
 /* y = silu(gate)·up from prepared x, where W's rows interleave gate's and up's (y[i] from rows 2i and 2i + 1):
    a work-sharing loop over tiles, as in gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                                   const float *scratch, float *yj)
+                                   const int32_t *outliers, const uint16_t *outlier_w, const float *scratch, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 18, *xsum = sx + 3;
@@ -373,6 +421,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint
             acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 24)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 200 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 200 - t * 8 < 8 ? 200 - t * 8 : 8;
@@ -385,15 +439,15 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint
     }
 }
 
-int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 24);
+    float *scratch = qigen_alloc(sizeof(float) * 88);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
+        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(x + (size_t)j * 72, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 200);
+        gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 200);
     }
     free(scratch);
     return 0;
@@ -402,10 +456,19 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 4-bit W of 72x100, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (34 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (98 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj, float *scratch)
+static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[100];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 34)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 26, *xsum = sx + 4;
     for (int g = 0; g < 4; g++)
@@ -437,7 +500,8 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(const float *xj
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 26, *xsum = sx + 4;
@@ -471,6 +535,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t
             acc0 = vf_fma(vf_load_h(ot + 0), xg, acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 34)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 72 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 72 - t * 8 < 8 ? 72 - t * 8 : 8;
@@ -479,15 +549,15 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t
     }
 }
 
-int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 34);
+    float *scratch = qigen_alloc(sizeof(float) * 98);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(x + (size_t)j * 100, scratch);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(x + (size_t)j * 100, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 72);
+        gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 72);
     }
     free(scratch);
     return 0;
@@ -496,10 +566,19 @@ int gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0(const uint32_t *w, const voi
 
 /* gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0: y[j] = W·x[j] (+ bias) for j < n, 8-bit W of 300x72, schedule r1a1n1kb0.
    Tiles of 8 rows, one SIMD lane per row; 1 partial sums per row vector. */
-/* scratch (24 floats): x quantized to int8 per block of 32 inputs, in input order (the
+/* scratch (88 floats): x quantized to int8 per block of 32 inputs, in input order (the
    weights are packed byte-major to meet it); then the blocks' scales; then x's group sums */
-static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, float *scratch)
+static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj, const int32_t *outliers, float *scratch)
 {
+float xz[72];
+    if (outliers) {
+        memcpy(xz, xj, sizeof xz);
+        for (int o = 0; o < outliers[0]; o++) {
+            (scratch + 24)[o] = xz[outliers[1 + o]];
+            xz[outliers[1 + o]] = 0.0f;
+        }
+        xj = xz;
+    }
     int8_t *xq = (int8_t *)scratch;
     float *sx = scratch + 18, *xsum = sx + 3;
     for (int g = 0; g < 3; g++)
@@ -531,7 +610,8 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(const float *xj,
 /* y = W·x (+ bias) from prepared x: a work-sharing loop over tiles, so every thread of the enclosing
    parallel region takes some (one thread runs them all outside a parallel region) */
 static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t *w, const uint16_t *scales, const uint16_t *offsets,
-                               const float *scratch, const float *bias, float *yj)
+                               const int32_t *outliers, const uint16_t *outlier_w, const float *scratch,
+                               const float *bias, float *yj)
 {
     const uint32_t *xw = (const uint32_t *)scratch;
     const float *sx = scratch + 18, *xsum = sx + 3;
@@ -560,6 +640,12 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t 
             acc0 = vf_fma(p0, vf_load_h(st + 0), acc0);
 
         }
+        if (outliers)
+            for (int o = 0; o < outliers[0]; o++) {
+                const vf xb = vf_set1((scratch + 24)[o]);
+                const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 304 + t * 8;
+                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+            }
         float out[8];
         vf_store(out + 0, acc0);
         int r1 = 300 - t * 8 < 8 ? 300 - t * 8 : 8;
@@ -568,15 +654,15 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t 
     }
 }
 
-int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const float *bias, const float *x, float *y, int n, int threads)
+int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void *scales_, const void *offsets_, const int32_t *outliers, const void *outlier_w, const float *bias, const float *x, float *y, int n, int threads)
 {
-    float *scratch = qigen_alloc(sizeof(float) * 24);
+    float *scratch = qigen_alloc(sizeof(float) * 88);
     if (!scratch)
         return -1;
     for (int j = 0; j < n; j++) {
-        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(x + (size_t)j * 72, scratch);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(x + (size_t)j * 72, outliers, scratch);
 #pragma omp parallel num_threads(threads)
-        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(w, scales_, offsets_, scratch, bias, y + (size_t)j * 300);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(w, scales_, offsets_, outliers, outlier_w, scratch, bias, y + (size_t)j * 300);
     }
     free(scratch);
     return 0;
@@ -587,14 +673,14 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
 /* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
    the token at `pos`, from its embedding to its logits, in one parallel region.
-   weights: per layer 14 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
+   weights: per layer 22 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
    gate_up and down), then the final norm and the head's words, scales and offsets.
    embedding: the token's; k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (context,
    head_dim / 2). Returns the greedy next token. */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
     return 416 + ((size_t)3 * context + 15) / 16 * 16
-           + (size_t)threads * (96 + 320);
+           + (size_t)threads * (96 + 384);
 }
 
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
@@ -738,17 +824,17 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
 #pragma omp parallel num_threads(threads)
     {
         const int parts = omp_get_num_threads();
-        float *own = part + (size_t)parts * 96 + (size_t)omp_get_thread_num() * 320;
+        float *own = part + (size_t)parts * 96 + (size_t)omp_get_thread_num() * 384;
         float *h = own + 0, *q = own + 80, *k = own + 160;
         float *att = own + 192, *xs = own + 272;
         for (int l = 0; l < 2; l++) {
-            const void *const *L = weights + (size_t)l * 14;
+            const void *const *L = weights + (size_t)l * 22;
             float *kc = k_cache + (size_t)l * 1 * head_stride;
             float *vc = v_cache + (size_t)l * 1 * head_stride;
             /* attention: q, k, v of the normed input */
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
-            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, xs);
-            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], xs, NULL, qkv);
+            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, (const int32_t *)L[5], xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], (const int32_t *)L[5], (const uint16_t *)L[6], xs, NULL, qkv);
             /* attention in parts: every key/value head's positions 0..pos split in as many parts as threads, so each
                thread reads its share of the caches once for all the query heads of a group. Each part rotates the group's
                query heads and key; the first appends that key and the value to the cache at pos, which no part reads */
@@ -772,20 +858,20 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
             }
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_merge(part, parts, att);  /* every thread its own, like its own prepared x */
             /* x += o·att */
-            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, xs);
-            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[5], L[6], L[7], xs, x, x);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_prep(att, (const int32_t *)L[10], xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles((const uint32_t *)L[7], L[8], L[9], (const int32_t *)L[10], (const uint16_t *)L[11], xs, x, x);
             /* feed-forward: x += down·(silu(gate)·up) of the normed input; gate_up's rows interleave gate's and up's */
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[1], h);
-            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, xs);
-            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles((const uint32_t *)L[8], L[9], L[10], xs, ffn);
-            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(ffn, xs);
-            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles((const uint32_t *)L[11], L[12], L[13], xs, x, x);
+            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_prep(h, (const int32_t *)L[15], xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles((const uint32_t *)L[12], L[13], L[14], (const int32_t *)L[15], (const uint16_t *)L[16], xs, ffn);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_prep(ffn, (const int32_t *)L[20], xs);
+            gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles((const uint32_t *)L[17], L[18], L[19], (const int32_t *)L[20], (const uint16_t *)L[21], xs, x, x);
         }
         /* the head on the normed residual stream */
-        const void *const *F = weights + 28;
+        const void *const *F = weights + 44;
         step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, F[0], h);
-        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, xs);
-        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], xs, NULL, logits);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, (const int32_t *)F[4], xs);
+        gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], (const int32_t *)F[4], (const uint16_t *)F[5], xs, NULL, logits);
     }
     /* the greedy next token, the first largest logit (never a NaN one): here it costs a tenth of numpy's argmax
        on logits that both cores just wrote. Every block's largest (vector code), then the first block that holds
