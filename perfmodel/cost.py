@@ -2,6 +2,10 @@
 
     time = max(bytes / read bandwidth, vector cycles / (clock · threads)) + call overhead
 
+and, for matrix-matrix kernels on a host whose compute peaks were measured (`qigen info --measure`), the compute
+term at least the operations over the peak of the family's arithmetic (fp32 multiply-adds or int8 dot products)
+at that thread count.
+
 Bytes are the packed weights, scales, offsets, activations and outputs. Cycles come from the
 instructions the templates issue per chunk of codes, against an issue rate per ISA, or against
 the FMA latency when too few independent partial sums are in flight: each family's record
@@ -37,15 +41,27 @@ class Prediction:
                 "bytes": self.bytes, "bandwidth": self.bandwidth, "measured_bandwidth": self.measured_bandwidth}
 
 
-def bandwidth(host: Host, threads: int) -> float:
-    """Read bandwidth for `threads` threads: the host's measured points, linear between them, flat beyond."""
-    if not host.bandwidth:
-        return min(ASSUMED_BANDWIDTH * min(threads, host.cores), ASSUMED_BANDWIDTH_MAX)
-    points = sorted(host.bandwidth)
+def _between(points: list[tuple[int, float]], threads: int) -> float:
+    """A measurement at `threads` from (threads, value) points: linear between them, flat beyond."""
+    points = sorted(points)
     for (t0, b0), (t1, b1) in zip(points, points[1:]):
         if t0 <= threads <= t1:
             return b0 + (b1 - b0) * (threads - t0) / (t1 - t0)
     return points[0][1] if threads < points[0][0] else points[-1][1]
+
+
+def bandwidth(host: Host, threads: int) -> float:
+    """Read bandwidth for `threads` threads: the host's measured points, linear between them, flat beyond."""
+    if not host.bandwidth:
+        return min(ASSUMED_BANDWIDTH * min(threads, host.cores), ASSUMED_BANDWIDTH_MAX)
+    return _between(list(host.bandwidth), threads)
+
+
+def peak(host: Host, threads: int, activations: str) -> float | None:
+    """Operations/s of the measured peak ("fp32" or "int8") at `threads`; None when never measured."""
+    if not host.peaks:
+        return None
+    return _between([(t, fp32 if activations == "fp32" else int8) for t, fp32, int8 in host.peaks], threads)
 
 
 def weight_bytes(spec: KernelSpec, schedule: Schedule) -> int:
@@ -63,5 +79,7 @@ def predict(spec: KernelSpec, schedule: Schedule, host: Host, threads: int | Non
     bw = bandwidth(host, threads)
     busy = -(-lay.tiles // threads) / lay.tiles  # share of the tiles on the busiest thread
     compute = spec.traits.cycles(spec, schedule, host, n) * busy / (host.freq_hz or ASSUMED_CLOCK)
+    if spec.kind == "gemm" and (top := peak(host, threads, spec.traits.activations)):
+        compute = max(compute, 2.0 * spec.rows * spec.cols * n / top)
     memory = nbytes / bw
     return Prediction(max(memory, compute) + CALL_OVERHEAD, memory, compute, nbytes, bw, bool(host.bandwidth))

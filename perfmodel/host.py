@@ -42,6 +42,7 @@ class Host:
     freq_hz: float  # nominal clock; 0.0 when py-cpuinfo cannot tell
     native: bool  # describes the machine we run on
     bandwidth: tuple[tuple[int, float], ...] = ()  # measured read bytes/s by thread count; () when never measured
+    peaks: tuple[tuple[int, float, float], ...] = ()  # measured (threads, fp32, int8) operations/s; () when never
 
     def has(self, *features: str) -> bool:
         unknown = [f for f in features if f not in FEATURES]
@@ -50,9 +51,9 @@ class Host:
         return all(f in self.features for f in features)
 
     def to_dict(self) -> dict:
-        """The description without the bandwidth, which manifests and results report on their own."""
+        """The description without the measurements, which manifests and results report on their own."""
         d = asdict(self) | {"features": sorted(self.features)}
-        del d["bandwidth"]
+        del d["bandwidth"], d["peaks"]
         return d
 
 

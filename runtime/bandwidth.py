@@ -1,4 +1,5 @@
-"""Measure the host's memory read bandwidth, keep it, and hand it to the cost model on the host's description."""
+"""Measure the host's memory read bandwidth, keep it, and hand it (and the compute peaks runtime.peak keeps) to the
+cost model on the host's description."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,11 @@ def stored(host: Host) -> dict[int, float] | None:
 
 
 def measured(host: Host, bandwidth: dict[int, float] | None = None) -> Host:
-    """The host carrying `bandwidth` (default: its stored measurement, if any) for the cost model."""
+    """The host carrying `bandwidth` (default: its stored measurement, if any) and its stored compute peaks, if
+    any, for the cost model."""
+    from runtime import peak
+
     bandwidth = stored(host) if bandwidth is None else bandwidth
-    return replace(host, bandwidth=tuple(sorted((bandwidth or {}).items())))
+    peaks = peak.stored(host) or {}
+    return replace(host, bandwidth=tuple(sorted((bandwidth or {}).items())),
+                   peaks=tuple((t, p["fp32"], p["int8"]) for t, p in sorted(peaks.items())))

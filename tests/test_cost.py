@@ -172,6 +172,22 @@ def test_prediction_uses_the_measured_bandwidth():
     assert measured.memory_s == pytest.approx(2 * assumed.memory_s)
 
 
+def test_prefill_prediction_is_bounded_by_the_measured_peak():
+    """A matrix-matrix kernel takes at least its operations over the measured peak of its arithmetic (fp32 or int8)
+    at its thread count; unmeasured, the cycle count alone; decode is not bounded so."""
+    fp32, int8 = KernelSpec(4096, 4096, 4, 128, batch=512), KernelSpec(4096, 4096, 4, 128, batch=512, family="wq_a8")
+    peaks = replace(HOST, peaks=((1, 1e9, 4e9), (8, 8e9, 32e9)))
+    for spec, per_thread in ((fp32, 1e9), (int8, 4e9)):
+        s = schedules(spec, threads=1)[0]
+        at = lambda threads: predict(spec, replace(s, threads=threads), peaks).compute_s
+        assert at(1) == pytest.approx(2 * 4096 * 4096 * 512 / per_thread)  # far below the cycle count
+        assert at(8) == pytest.approx(at(1) / 8)
+        assert predict(spec, s, HOST).compute_s < at(1)
+    gemv = KernelSpec(4096, 4096, 4, 128)
+    s = schedules(gemv, threads=1)[0]
+    assert predict(gemv, s, peaks).compute_s == predict(gemv, s, HOST).compute_s
+
+
 def test_stored_bandwidth_round_trips_through_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("QIGEN_CACHE_DIR", str(tmp_path))
     assert probe.stored(HOST) is None  # never measured

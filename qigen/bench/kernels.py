@@ -275,10 +275,10 @@ def run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     info = machine(host)
     impls = baselines()
-    log("measuring the read bandwidth (1 and all cores) for this run")
-    host = bandwidth.measured(host, bandwidth.measure())
     log("measuring the fp32 and int8 compute peaks (1 and all cores) for this run")
     peaks = peak.measure(sorted(set(p.threads) | {1, host.cores}))
+    log("measuring the read bandwidth (1 and all cores) for this run")
+    host = bandwidth.measured(host, bandwidth.measure())  # and the peaks just kept: the predictions use both
     isa = best_isa(host)
     grid = specs(p, isa)
     if not grid:
