@@ -267,31 +267,29 @@ static void gemm_a8_q4_g32_asym_fp16_avx512vnni_m4096k4096_r2a1n4kb0_mk(const ui
     }
     if (outliers)
         for (int o = 0; o < outliers[0]; o++) {
-            const vf xb = vf_set1((xs + 1280)[o]);
             const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
-            f0_0 = vf_fma(vf_load_h(wo + 0), xb, f0_0);
-            f0_1 = vf_fma(vf_load_h(wo + 16), xb, f0_1);
-        }
-    if (outliers)
-        for (int o = 0; o < outliers[0]; o++) {
-            const vf xb = vf_set1((xs + 2624)[o]);
-            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
-            f1_0 = vf_fma(vf_load_h(wo + 0), xb, f1_0);
-            f1_1 = vf_fma(vf_load_h(wo + 16), xb, f1_1);
-        }
-    if (outliers)
-        for (int o = 0; o < outliers[0]; o++) {
-            const vf xb = vf_set1((xs + 3968)[o]);
-            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
-            f2_0 = vf_fma(vf_load_h(wo + 0), xb, f2_0);
-            f2_1 = vf_fma(vf_load_h(wo + 16), xb, f2_1);
-        }
-    if (outliers)
-        for (int o = 0; o < outliers[0]; o++) {
-            const vf xb = vf_set1((xs + 5312)[o]);
-            const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + 0;
-            f3_0 = vf_fma(vf_load_h(wo + 0), xb, f3_0);
-            f3_1 = vf_fma(vf_load_h(wo + 16), xb, f3_1);
+            const vf ow0 = vf_load_h(wo + 0);
+            const vf ow1 = vf_load_h(wo + 16);
+            {
+                const vf xb = vf_set1((xs + 1280)[0 + o]);
+                f0_0 = vf_fma(ow0, xb, f0_0);
+                f0_1 = vf_fma(ow1, xb, f0_1);
+            }
+            {
+                const vf xb = vf_set1((xs + 1280)[1344 + o]);
+                f1_0 = vf_fma(ow0, xb, f1_0);
+                f1_1 = vf_fma(ow1, xb, f1_1);
+            }
+            {
+                const vf xb = vf_set1((xs + 1280)[2688 + o]);
+                f2_0 = vf_fma(ow0, xb, f2_0);
+                f2_1 = vf_fma(ow1, xb, f2_1);
+            }
+            {
+                const vf xb = vf_set1((xs + 1280)[4032 + o]);
+                f3_0 = vf_fma(ow0, xb, f3_0);
+                f3_1 = vf_fma(ow1, xb, f3_1);
+            }
         }
     vf_store(out + 0, f0_0);
     vf_store(out + 16, f0_1);

@@ -392,10 +392,14 @@ int gemm_q3_g32_sym_fp32_avx512_m11008k4096_r2a1n6kb128(const uint32_t *w, const
                     vf a1 = vf_load(yt + 16);
                     if (outliers)
                         for (int o = 0; o < outliers[0]; o++) {
-                            const vf xb = vf_set1((xo + (size_t)j * 64)[o]);
                             const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 11008 + t * 32;
-                            a0 = vf_fma(vf_load_h(wo + 0), xb, a0);
-                            a1 = vf_fma(vf_load_h(wo + 16), xb, a1);
+                            const vf ow0 = vf_load_h(wo + 0);
+                            const vf ow1 = vf_load_h(wo + 16);
+                            {
+                                const vf xb = vf_set1((xo + (size_t)j * 64)[0 + o]);
+                                a0 = vf_fma(ow0, xb, a0);
+                                a1 = vf_fma(ow1, xb, a1);
+                            }
                         }
                     vf_store(yt + 0, a0);
                     vf_store(yt + 16, a1);

@@ -215,10 +215,14 @@ static void gemv_q2_grow_asym_fp16_scalar_m37k100_r2a2n1kb0_tiles(const uint32_t
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 113)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 38 + t * 2;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
-                acc1 = vf_fma(vf_load_h(wo + 1), xb, acc1);
+                const vf ow0 = vf_load_h(wo + 0);
+                const vf ow1 = vf_load_h(wo + 1);
+                {
+                    const vf xb = vf_set1((scratch + 113)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                    acc1 = vf_fma(ow1, xb, acc1);
+                }
             }
         float out[2];
         vf_store(out + 0, acc0);

@@ -167,10 +167,14 @@ static void gemv_q4_g128_asym_fp16_avx2_m4096k4096_r2a2n1kb0_tiles(const uint32_
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 4128)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 4096 + t * 16;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
-                acc1 = vf_fma(vf_load_h(wo + 8), xb, acc1);
+                const vf ow0 = vf_load_h(wo + 0);
+                const vf ow1 = vf_load_h(wo + 8);
+                {
+                    const vf xb = vf_set1((scratch + 4128)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                    acc1 = vf_fma(ow1, xb, acc1);
+                }
             }
         float out[16];
         vf_store(out + 0, acc0);

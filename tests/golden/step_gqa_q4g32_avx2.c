@@ -152,9 +152,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles(const uint32_t
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 24)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 120 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 24)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
@@ -262,9 +265,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k72_r1a1n1kb0_tiles(const uint32_t 
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 24)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 72 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 24)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
@@ -372,9 +378,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_tiles(const uint32_t
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 24)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 200 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 24)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
@@ -423,9 +432,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m200k72_r1a1n1kb0_glu_tiles(const uint
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 24)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 200 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 24)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
@@ -537,9 +549,12 @@ static void gemv_a8_q4_g32_asym_fp16_avx2_m72k100_r1a1n1kb0_tiles(const uint32_t
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 34)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 72 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 34)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
@@ -642,9 +657,12 @@ static void gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles(const uint32_t 
         }
         if (outliers)
             for (int o = 0; o < outliers[0]; o++) {
-                const vf xb = vf_set1((scratch + 24)[o]);
                 const uint16_t *wo = (const uint16_t *)outlier_w + (size_t)o * 304 + t * 8;
-                acc0 = vf_fma(vf_load_h(wo + 0), xb, acc0);
+                const vf ow0 = vf_load_h(wo + 0);
+                {
+                    const vf xb = vf_set1((scratch + 24)[0 + o]);
+                    acc0 = vf_fma(ow0, xb, acc0);
+                }
             }
         float out[8];
         vf_store(out + 0, acc0);
