@@ -33,7 +33,7 @@ from runtime import bandwidth
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional,
                          probe, render_text, summary, write)
-from qigen.options import add_activations, add_format, comma_list, positive, threads
+from qigen.options import add_activations, add_format, comma_list, outliers, positive, threads
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
 from qigen.arch import ROLES, linear_weights
@@ -116,6 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_format(p, BITS, (32, 128), lists=True)
     p.add_argument("--method", type=comma_list(_method), default=METHODS, help="rtn and/or gptq (default both)")
     add_activations(p, ("auto",), lists=True)
+    p.add_argument("--outliers", type=comma_list(outliers), default=(0,),
+                   help="outlier channels per layer to sweep (qigen quantize --outliers): counts and/or auto, "
+                        "calibrated like GPTQ (default 0)")
     p.add_argument("--threads", type=comma_list(threads), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
@@ -288,12 +291,14 @@ class Run:
             log(f"{record['name']} FAILED: {record['error']}")
         return record | {"bytes_per_token": per_token + self.kv}
 
-    def qigen(self, bits: int, group: int | None, method: str, activations: str) -> dict:
-        quant = QuantSpec(bits, group, method=method, activations=activations)
+    def qigen(self, bits: int, group: int | None, method: str, activations: str, outliers: int | str = 0) -> dict:
+        quant = QuantSpec(bits, group, method=method, activations=activations, outliers=outliers)
         act = quant.resolved_activations
-        name = f"q{bits} g{group or 'row'} {method} {act}"
-        path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}.qigen"
-        record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act}
+        kept = f" outliers {outliers}" if outliers else ""
+        name = f"q{bits} g{group or 'row'} {method} {act}{kept}"
+        path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}{kept.replace(' ', '-')}.qigen"
+        record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act,
+                  "outliers": outliers}
         try:
             t0 = time.perf_counter()
             quantize_model(self.source, quant, path, self.calib, act_order=True, progress=lambda s: None)
@@ -568,14 +573,14 @@ def run(args: argparse.Namespace) -> dict:
     for n in notes:
         log(n)
     gptq = 1 + 8 * ckpt.config.layers / 30  # GPTQ costs several RTN quantizations; weights only steer the estimate
-    combos = {}  # (bits, group, method, resolved activations): "auto" may coincide with an explicit choice
-    for b, g, m, a in itertools.product(args.bits, args.group, args.method, args.activations):
+    combos = {}  # (bits, group, method, resolved activations, outliers): "auto" may coincide with an explicit choice
+    for b, g, m, a, o in itertools.product(args.bits, args.group, args.method, args.activations, args.outliers):
         try:
-            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).resolved_activations), a)
+            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).resolved_activations, o), a)
         except ValueError as e:  # e.g. int8 activations asked for 3-bit weights
             log(f"skipped: q{b} g{g or 'row'} {m} with {a} activations: {e}")
-    tasks = [Task(f"q{b} g{g or 'row'} {m} {act}", gptq if m == "gptq" else 1, functools.partial(bench.qigen, b, g, m, a))
-             for (b, g, m, act), a in combos.items()]
+    tasks = [Task(f"q{b} g{g or 'row'} {m} {act}" + (f" outliers {o}" if o else ""), gptq if m == "gptq" else 1,
+                  functools.partial(bench.qigen, b, g, m, a, o)) for (b, g, m, act, o), a in combos.items()]
     tasks += [Task(n, 1, bench.qigen_fp32 if n == "qigen-fp32" else functools.partial(bench.torch, n.replace("-", " ")))
               for n in names if n != "llama.cpp"]
     if "llama.cpp" in names:
@@ -592,9 +597,10 @@ def run(args: argparse.Namespace) -> dict:
         f"Perplexity: the second half of the GNU GPL v3 ({len(bench.eval_ids)} tokens"
         f"{', cut by --max-windows' if args.max_windows else ''}) in windows of {args.ctx} tokens, the second half of "
         "each window scored as llama.cpp does (prefill and decode multiply alike, so the number is what generation "
-        "computes). GPTQ (act_order) calibrates on the first half: no overlap. llama.cpp's own llama-perplexity, "
+        "computes). GPTQ (act_order) and outlier channels calibrate on the first half: no overlap. llama.cpp's own llama-perplexity, "
         "where it runs, tokenizes the text itself (with a BOS per window).",
-        "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets; the head stays "
+        "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets, outlier "
+        "channels and their fp16 weights; the head stays "
         "8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
         "weights in memory).",
         f"Speed: a {len(bench.prompt)}-token prompt, then {args.tokens} greedy tokens, after a {WARMUP_TOKENS}-token "
