@@ -164,9 +164,9 @@ def print_run(r: dict) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> dict:
-    from qigen.llm import quantize_model
+    from qigen.llm import CALIBRATION, quantize_model
 
-    calib = Path(args.calib).read_text() if args.calib else None
+    calib = None if args.calib == "none" else Path(args.calib or CALIBRATION).read_text()
     quant = QuantSpec(bits=args.bits, group=args.group, symmetric=args.sym, method=args.method,
                       activations=args.activations, outliers=args.outliers)
     out = quantize_model(args.model, quant, Path(args.out), calib, act_order=args.act_order)
@@ -238,8 +238,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--method", choices=("rtn", "gptq"), default="rtn")
     add_activations(q, "auto")
     add_outliers(q)
-    q.add_argument("--calib", help="calibration text file for GPTQ and outliers (default: the one qigen ships, "
-                                   "qigen/calibration.txt)")
+    q.add_argument("--calib",
+                   help="calibration text file: GPTQ and outliers take their statistics from it, and rounding weighs "
+                        "each input by its Σx² there (default: the one qigen ships, qigen/calibration.txt; none: plain "
+                        "round-to-nearest, no calibration, unless GPTQ or outliers need it)")
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                    help="GPTQ: quantize columns by decreasing Hessian diagonal, with static groups (default on)")
     q.add_argument("-o", "--out", required=True, help="output .qigen file")

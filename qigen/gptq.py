@@ -70,7 +70,8 @@ def gptq(w: np.ndarray, h: np.ndarray | torch.Tensor, spec: KernelSpec, damp: fl
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    rtn = quantize(W.numpy().astype(np.float32), spec)  # act_order's static groups; otherwise each group is redone
+    importance = torch.diag(H).clamp(min=0).numpy().astype(np.float32)  # Σx² per input: the group search weighs it
+    rtn = quantize(W.numpy().astype(np.float32), spec, importance)  # act_order's static groups; else each group redone
     scales = torch.from_numpy(rtn.scales.astype(np.float32))  # (rows, groups), values exact in storage dtype
     offsets = None if spec.symmetric else torch.from_numpy(rtn.offsets.astype(np.float32))
     order = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else torch.arange(cols)
@@ -89,7 +90,7 @@ def gptq(w: np.ndarray, h: np.ndarray | torch.Tensor, spec: KernelSpec, damp: fl
                 end = min(c + gs, cols)
                 pending = Eb[:, :i] @ U[b0:b0 + i, b1:end]  # this block's updates not yet in W[:, b1:end]
                 current = torch.cat([Wb[:, i:end - b0], W[:, b1:end] - pending], dim=1)
-                scales[:, g], off = _group_params(current, spec)
+                scales[:, g], off = _group_params(current, spec, importance[c:end])
                 if offsets is not None:
                     offsets[:, g] = off
             codes[:, c], q = _round(Wb[:, i], scales[:, g], None if offsets is None else offsets[:, g], spec)
@@ -130,10 +131,10 @@ def _inverse_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
                          "diagonal: check that it is XᵀX of the layer's inputs, or raise damp") from None
 
 
-def _group_params(w: torch.Tensor, spec: KernelSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One group's (scale, offset) per row for weights w (rows, n), by quantize()'s own convention."""
+def _group_params(w: torch.Tensor, spec: KernelSpec, importance: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One group's (scale, offset) per row for weights w (rows, n), by quantize()'s own search."""
     whole = KernelSpec(w.shape[0], w.shape[1], spec.bits, None, spec.symmetric, spec.scale_dtype)  # any family's rule
-    q = quantize(w.numpy().astype(np.float32), whole)
+    q = quantize(w.numpy().astype(np.float32), whole, importance)
     return (torch.from_numpy(q.scales[:, 0].astype(np.float32)),
             None if q.offsets is None else torch.from_numpy(q.offsets[:, 0].astype(np.float32)))
 

@@ -204,13 +204,14 @@ def quantize_model(source: str | Path | None, quant: QuantSpec, out: Path, calib
                    act_order: bool = False, progress: Callable[[str], None] = _log) -> Path:
     """Offline: load a checkpoint (GGUF or Hugging Face), quantize it by RTN or GPTQ, keeping quant.outliers
     input channels per layer in floating point (auto: chosen per layer by measurement), and write a .qigen file.
-    GPTQ and outliers calibrate on `calib_text`, by default the text shipped as qigen/calibration.txt."""
+    GPTQ and outliers calibrate on `calib_text`, by default the text shipped as qigen/calibration.txt; with
+    calibration (GPTQ, outliers, or calib_text given), rounding weighs each input by its Σx² (quant.quantize)."""
     ckpt = load_checkpoint(source or default_model(progress))
     weights = split_linears(ckpt)
     if quant.method not in ("rtn", "gptq"):
         raise ValueError(f"method '{quant.method}' is unknown: choose rtn or gptq")
     quantizer = None
-    if quant.method == "gptq" or quant.outliers != 0:
+    if quant.method == "gptq" or quant.outliers != 0 or calib_text is not None:
         from qigen.gptq import gptq
         from qigen.outliers import choose
 
@@ -219,7 +220,11 @@ def quantize_model(source: str | Path | None, quant: QuantSpec, out: Path, calib
 
         def quantizer(m, spec, name):
             h = calib.hessians[name]
-            rtn = lambda w, channels: quantize(w, spec)
+
+            def rtn(w, channels):  # rounding weighed by Σx², none at the outlier channels (x is zero there)
+                importance = np.diag(h).astype(np.float32)
+                importance[channels] = 0.0
+                return quantize(w, spec, importance)
 
             def method(w, channels):  # GPTQ sees no input at the outlier channels
                 if quant.method == "rtn":

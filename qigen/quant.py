@@ -56,12 +56,27 @@ def _grouped(w: np.ndarray, spec: KernelSpec) -> np.ndarray:
     return padded.reshape(w.shape[0], spec.groups, g)
 
 
-def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
-    """RTN per group: asymmetric maps [min, max] onto the codes, symmetric maps ±absmax (GPTQ's convention)."""
+SEARCHED_BITS = 4  # at most this many bits the group parameters are searched (8-bit rounding error is negligible)
+SHRINK = np.linspace(1.0, 0.7, 13)  # the search's scales: these fractions of the group's range over its codes
+# Measured on SmolLM2 (q4 g128, GPL-3 perplexity; plain RTN 27.9): the search weighed by a calibration's Σx² 20.5;
+# weighed alike (weight RMS) 31.2, worse than none: weight error is the wrong yardstick without the activations.
+
+
+def quantize(w: np.ndarray, spec: KernelSpec, importance: np.ndarray | None = None) -> QuantizedWeights:
+    """Round to nearest per group. Without `importance`, plain RTN: asymmetric maps [min, max] onto the codes (a
+    float minimum: llama.cpp's Q4_1, reproduced exactly), symmetric ±absmax (GPTQ's convention). With it (a
+    calibration's Σx² per input: the Hessian's diagonal, llama.cpp's importance matrix), up to SEARCHED_BITS bits,
+    each group takes the scale and offset of least Σ importance·(w - ŵ)² among plain RTN's and, for each scale of
+    SHRINK, a float offset and an integer zero point (0.0 a code, up to the rounding of the stored scale and
+    offset), each refit to its codes by weighted least squares: never worse than plain RTN on that objective (as
+    stored)."""
     if w.shape != (spec.rows, spec.cols):
         raise ValueError(f"weights have shape {w.shape}, the spec is {spec.rows}x{spec.cols}")
     if not np.isfinite(w).all():
         raise ValueError("weights contain NaN or infinity")
+    if importance is not None and (np.shape(importance) != (spec.cols,) or not np.isfinite(importance).all()
+                                   or (np.asarray(importance) < 0).any()):
+        raise ValueError(f"importance should be {spec.cols} finite non-negative weights, one per input")
     top = (1 << spec.bits) - 1
     g = _grouped(w.astype(np.float32), spec)
     lo, hi = np.nanmin(g, axis=2), np.nanmax(g, axis=2)
@@ -69,17 +84,76 @@ def quantize(w: np.ndarray, spec: KernelSpec) -> QuantizedWeights:
         hi = np.maximum(np.abs(lo), np.abs(hi))
         lo = -hi
     with np.errstate(over="ignore"):  # an overflow to inf is refused below
-        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(spec.scales.numpy)
-        offsets = None if spec.symmetric else lo.astype(spec.scales.numpy)
-    if not (np.isfinite(scale).all() and (offsets is None or np.isfinite(offsets).all())):
+        scale = np.where(hi > lo, (hi - lo) / top, 1.0).astype(np.float32)
+    offset = None if spec.symmetric else lo.astype(np.float32)
+    if importance is not None and spec.bits <= SEARCHED_BITS:
+        scale, offset = _search(g, spec, scale, offset, hi - lo, importance)
+    with np.errstate(over="ignore"):
+        scales = scale.astype(spec.scales.numpy)
+        offsets = None if offset is None else offset.astype(spec.scales.numpy)
+    if not (np.isfinite(scales).all() and (offsets is None or np.isfinite(offsets).all())):
         raise ValueError(f"weights exceed the range of {spec.scale_dtype} scales: use fp32 scales")
-    s = scale.astype(np.float32)[:, :, None]
-    if spec.symmetric:
-        codes = np.rint(g / s) + spec.zero_point
-    else:
-        codes = np.rint((g - offsets.astype(np.float32)[:, :, None]) / s)
-    codes = np.clip(np.nan_to_num(codes), 0, top).astype(np.uint8)
-    return QuantizedWeights(codes.reshape(spec.rows, -1)[:, : spec.cols], scale, offsets)
+    codes = _codes(g, spec, scales.astype(np.float32), None if offsets is None else offsets.astype(np.float32))
+    return QuantizedWeights(codes.reshape(spec.rows, -1)[:, : spec.cols].astype(np.uint8), scales, offsets)
+
+
+def _codes(g: np.ndarray, spec: KernelSpec, scale: np.ndarray, offset: np.ndarray | None) -> np.ndarray:
+    """Nearest codes (float) of grouped weights for per-group scale and offset (None: symmetric)."""
+    s = scale[:, :, None]
+    c = np.rint(g / s) + spec.zero_point if offset is None else np.rint((g - offset[:, :, None]) / s)
+    return np.clip(np.nan_to_num(c), 0, (1 << spec.bits) - 1)
+
+
+def _search(g: np.ndarray, spec: KernelSpec, scale: np.ndarray, offset: np.ndarray | None, span: np.ndarray,
+            importance: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """quantize()'s candidates, the least weighted error per group: (scale, offset), float32."""
+    top = (1 << spec.bits) - 1
+    imp = _grouped(np.asarray(importance, np.float32)[None], spec)[0]
+    imp = np.where(np.isnan(g[0]), 0.0, np.nan_to_num(imp))[None]  # the partial last group's padding weighs nothing
+    x = np.nan_to_num(g)
+    sw, swx = imp.sum(2), (imp * x).sum(2)
+
+    def error(s, o):  # with the parameters as stored
+        with np.errstate(over="ignore", invalid="ignore"):
+            s = s.astype(spec.scales.numpy).astype(np.float32)
+            o = None if o is None else o.astype(spec.scales.numpy).astype(np.float32)
+            c = _codes(g, spec, s, o)
+            d = x - (s[:, :, None] * (c - (spec.zero_point if o is None else 0)) + (0 if o is None else o[:, :, None]))
+            return (imp * d * d).sum(2)
+
+    best = error(scale, offset)
+    for f in SHRINK:
+        s0 = np.where(span > 0, f * span / top, scale).astype(np.float32)
+        for integer in ((False, True) if offset is not None else (True,)):
+            if offset is None:  # symmetric: codes about the zero point, the scale refit
+                o, z = None, spec.zero_point
+            elif integer:  # an integer zero point z: offset -s·z, 0.0 a code
+                z = np.clip(np.rint(-np.nanmin(g, 2) / s0), 0, top)
+                o = (-s0 * z).astype(np.float32)
+            else:  # the range centred on the group's, then the offset refit
+                o = (np.nanmin(g, 2) + (1 - f) * span / 2).astype(np.float32)
+            c = _codes(g, spec, s0, o)
+            if o is None or integer:
+                q = c - (z if o is None else z[:, :, None])
+                den = (imp * q * q).sum(2)
+                s1 = np.where(den > 0, (imp * x * q).sum(2) / np.where(den > 0, den, 1), s0).astype(np.float32)
+                s1 = np.where(s1 > 0, s1, s0)
+                o1 = None if o is None else (-s1 * z).astype(np.float32)
+            else:  # weighted least squares of x ≈ s·c + o
+                scc, sc, sxc = (imp * c * c).sum(2), (imp * c).sum(2), (imp * x * c).sum(2)
+                det = sw * scc - sc * sc
+                ok = np.abs(det) > 1e-12 * np.maximum(sw * scc, 1e-30)
+                det = np.where(ok, det, 1)
+                s1 = np.where(ok, (sw * sxc - sc * swx) / det, s0)
+                o1 = np.where(ok, (scc * swx - sc * sxc) / det, o).astype(np.float32)
+                s1 = np.where(s1 > 0, s1, s0).astype(np.float32)
+            err = error(s1, o1)
+            better = err < best
+            best = np.where(better, err, best)
+            scale = np.where(better, s1, scale)
+            if offset is not None:
+                offset = np.where(better, o1, offset)
+    return scale.astype(np.float32), offset
 
 
 def dequantize(q: QuantizedWeights, spec: KernelSpec) -> np.ndarray:

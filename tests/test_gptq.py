@@ -43,7 +43,8 @@ def _oracle(w: np.ndarray, h: torch.Tensor, spec: KernelSpec, damp: float, act_o
     W, H = torch.tensor(w, dtype=torch.float64), h.to(torch.float64).clone()
     dead = torch.diag(H) == 0
     H[dead, dead], W[:, dead] = 1, 0
-    rtn = quantize(W.numpy().astype(np.float32), spec)  # act_order's static groups
+    imp = torch.diag(H).clamp(min=0).numpy().astype(np.float32)  # the group parameters' search weighs Σx²
+    rtn = quantize(W.numpy().astype(np.float32), spec, imp)  # act_order's static groups
     S = rtn.scales.astype(np.float32)
     O = None if spec.symmetric else rtn.offsets.astype(np.float32)
     order = np.argsort(-torch.diag(H).numpy(), kind="stable") if act_order else np.arange(spec.cols)
@@ -54,7 +55,8 @@ def _oracle(w: np.ndarray, h: torch.Tensor, spec: KernelSpec, damp: float, act_o
     for j, c in enumerate(order):
         g = c // gs
         if not act_order and c % gs == 0:
-            sub = quantize(W[:, j:j + gs].numpy().astype(np.float32), replace(spec, cols=min(gs, spec.cols - c), group=None))
+            sub = quantize(W[:, j:j + gs].numpy().astype(np.float32), replace(spec, cols=min(gs, spec.cols - c), group=None),
+                           imp[c:c + gs])
             S[:, g] = sub.scales[:, 0]
             if O is not None:
                 O[:, g] = sub.offsets[:, 0]
@@ -117,17 +119,59 @@ def test_matches_unblocked_oracle(block, symmetric, group, act_order):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("bits", BITS)
 def test_diagonal_hessian_is_rtn(bits, symmetric, group, act_order):
-    """Uncorrelated inputs: H⁻¹'s factor is diagonal, no error flows, and GPTQ is round-to-nearest."""
+    """Uncorrelated inputs: H⁻¹'s factor is diagonal, no error flows, and GPTQ is round-to-nearest (weighing
+    its group parameters' search by diag H)."""
     spec = KernelSpec(16, 100, bits, group, symmetric)
     w, _ = _layer(16, 100)
-    rtn = quantize(w, spec)
     diagonal = torch.diag(torch.from_numpy(np.random.default_rng(2).uniform(0.1, 10.0, 100)))
     for h in (torch.eye(100), diagonal):  # the second one reorders columns under act_order
+        rtn = quantize(w, spec, torch.diag(h).numpy().astype(np.float32))
         q = gptq(w, h, spec, act_order=act_order)
         np.testing.assert_array_equal(q.codes, rtn.codes)
         np.testing.assert_array_equal(q.scales, rtn.scales)
         if not symmetric:
             np.testing.assert_array_equal(q.offsets, rtn.offsets)
+
+
+@pytest.mark.parametrize("scale_dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group", [32, 64, None])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_weighted_rounding_never_loses_to_rtn(bits, group, symmetric, scale_dtype):
+    """On its own objective Σ importance·(w - ŵ)² per group the search is never worse than plain RTN; partial last
+    groups (100 inputs) and zero importance included; 8-bit is plain RTN."""
+    spec = KernelSpec(24, 100, bits, group, symmetric, scale_dtype)
+    w, x = _layer(24, 100)
+    imp = (x * x).sum(0).astype(np.float32)
+    imp[:7] = 0.0  # inputs that never fire
+    error = lambda q: ((dequantize(q, spec) - w) ** 2 * imp).reshape(24, -1)  # noqa: E731
+    searched, plain = quantize(w, spec, imp), quantize(w, spec)
+    per_group = lambda e: np.add.reduceat(e, np.arange(0, 100, spec.group_size), axis=1)  # noqa: E731
+    assert (per_group(error(searched)) <= per_group(error(plain)) * (1 + 1e-6) + 1e-12).all()
+    if bits == 8:
+        np.testing.assert_array_equal(searched.codes, plain.codes)
+    else:
+        assert error(searched).sum() < 0.97 * error(plain).sum()
+
+
+def test_weighted_rounding_keeps_zeros_near_zero():
+    """Sparse weights (70% exactly 0.0): plain RTN's float minimum puts 0.0 between codes, so every zero moves by
+    up to half a step; the search's integer zero points (0.0 a code, up to the rounding of the stored scale and
+    offset) and refit offsets move them a twentieth as far."""
+    rng = np.random.default_rng(3)
+    spec = KernelSpec(32, 256, 4, 64)
+    w = (rng.standard_normal((32, 256)) * (rng.random((32, 256)) > 0.7)).astype(np.float32)
+    searched, plain = (np.abs(dequantize(q, spec)[w == 0]).mean()
+                       for q in (quantize(w, spec, np.ones(256, np.float32)), quantize(w, spec)))
+    assert searched < plain / 20
+
+
+def test_weighted_rounding_bad_importance():
+    spec = KernelSpec(8, 64, 4, 32)
+    w = np.ones((8, 64), np.float32)
+    for bad in (np.ones(63), np.full(64, np.nan), -np.ones(64)):
+        with pytest.raises(ValueError, match="importance should be 64 finite non-negative weights"):
+            quantize(w, spec, bad)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
