@@ -1,7 +1,7 @@
 """`qigen bench model`: which bits, group size and method to pick for a model on this CPU.
 
-Every bits × group × method is quantized (GPTQ calibrates on the first half of a shipped English text, the GNU
-GPL v3) and measured: file size, bits per weight, perplexity on the second half (no overlap), prompt and
+Every bits × group × method is quantized (GPTQ, outlier channels and weighted rounding calibrate on the first half
+of a shipped English text, the GNU GPL v3) and measured: file size, bits per weight, perplexity on the second half (no overlap), prompt and
 decode tokens/s per thread count (median of --repeat runs), decode as a share of the rate the memory bandwidth
 measured in the same run allows, and the share of decode time in generated kernels. Baselines in the same run:
 the unquantized model in plain torch (fp32, and bf16 where torch has it natively), torch's dynamic int8, qigen's
@@ -597,8 +597,8 @@ def run(args: argparse.Namespace) -> dict:
         f"Perplexity: the second half of the GNU GPL v3 ({len(bench.eval_ids)} tokens"
         f"{', cut by --max-windows' if args.max_windows else ''}) in windows of {args.ctx} tokens, the second half of "
         "each window scored as llama.cpp does (prefill and decode multiply alike, so the number is what generation "
-        "computes). GPTQ (act_order) and outlier channels calibrate on the first half: no overlap. llama.cpp's own llama-perplexity, "
-        "where it runs, tokenizes the text itself (with a BOS per window).",
+        "computes). GPTQ (act_order), outlier channels and RTN's weighted rounding calibrate on the first half: no "
+        "overlap. llama.cpp's own llama-perplexity, where it runs, tokenizes the text itself (with a BOS per window).",
         "bits/w = 8 x bytes of the packed linear-layer and output-head tensors (codes, scales, offsets, outlier "
         "channels and their fp16 weights; the head stays "
         "8-bit g32) / their weight count; llama.cpp: 8 x file bytes / parameters. Size MB = the file (torch: its "
