@@ -233,11 +233,11 @@ def quantize_model(source: str | Path | None, quant: QuantSpec, out: Path, calib
                 hz[channels, :] = hz[:, channels] = 0.0
                 return gptq(w, hz, spec, act_order=act_order)
 
-            choice = choose(m, spec, quant.outliers, h, calib.inputs[name], method, measure=rtn)
-            k = 0 if choice.weights.outliers is None else choice.weights.outliers.size
+            q = choose(m, spec, quant.outliers, h, calib.inputs[name], method, measure=rtn)
+            k = 0 if q.outliers is None else q.outliers.size
             progress(f"{quant.method} {name} {m.shape[0]}x{m.shape[1]}" + (f", {k} outlier channels" if quant.outliers
                                                                           else ""))
-            return choice.weights
+            return q
     save(out, quantize_weights(weights, quant, quantizer), ckpt.tokenizer, ckpt.sha256)
     return out
 

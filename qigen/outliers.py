@@ -13,8 +13,6 @@ each further count still lowers it, as fp16 columns would any matrix's.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 
 from qigen.quant import QuantizedWeights, dequantize
@@ -45,15 +43,9 @@ def output_error(w: np.ndarray, q: QuantizedWeights, spec: KernelSpec, x: np.nda
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-@dataclass(frozen=True)
-class Choice:
-    weights: QuantizedWeights
-    errors: dict[int, float]  # output error by count weighed (auto); empty for a fixed count
-
-
 def choose(w: np.ndarray, spec: KernelSpec, count: int | str, hessian: np.ndarray, inputs: np.ndarray,
            quantize: Callable[[np.ndarray, np.ndarray], QuantizedWeights],
-           measure: Callable[[np.ndarray, np.ndarray], QuantizedWeights] | None = None) -> Choice:
+           measure: Callable[[np.ndarray, np.ndarray], QuantizedWeights] | None = None) -> QuantizedWeights:
     """The layer's weights with `count` outlier channels, or with auto the count chosen by measurement: each of
     LADDER is quantized by `measure` (default `quantize`; e.g. RTN standing in for GPTQ) and its output error taken
     on `inputs`; the first count whose next gains less than GAIN is then quantized by `quantize`."""
@@ -61,14 +53,9 @@ def choose(w: np.ndarray, spec: KernelSpec, count: int | str, hessian: np.ndarra
     if count != "auto":
         if count > spec.cols:
             raise ValueError(f"{count} outlier channels of a layer of {spec.cols} inputs: at most {spec.cols}")
-        return Choice(kept(w, order[:count], quantize), {})
+        return kept(w, order[:count], quantize)
     measure = measure or quantize
     errors = {k: output_error(w, kept(w, order[:k], measure), spec, inputs) for k in LADDER if k <= spec.cols}
     counts = list(errors)
     k = next((k for k, after in zip(counts, counts[1:]) if errors[after] > (1 - GAIN) * errors[k]), counts[-1])
-    return Choice(kept(w, order[:k], quantize), errors)
-
-
-def bits(q: QuantizedWeights) -> int:
-    """The storage the outlier channels add to a matrix: fp16 weights and an int32 index each."""
-    return 0 if q.outliers is None else q.outlier_weights.size * 16 + q.outliers.size * 32
+    return kept(w, order[:k], quantize)

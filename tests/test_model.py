@@ -139,7 +139,7 @@ def test_outlier_channels_on_the_real_model(ckpt, tmp_path):
     counts = {}
 
     def quantizer(m, spec, name):
-        q = choose(m, spec, "auto", calib.hessians[name], calib.inputs[name], lambda w, ch: quantize(w, spec)).weights
+        q = choose(m, spec, "auto", calib.hessians[name], calib.inputs[name], lambda w, ch: quantize(w, spec))
         counts[name] = 0 if q.outliers is None else q.outliers.size
         return q
 
