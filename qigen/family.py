@@ -25,9 +25,9 @@ LINE = 64  # bytes per cache line: a chunk's words are prefetched line by line (
 @dataclass(frozen=True)
 class Array:
     """One named array of a packed matrix: its key (in PackedWeights, .qigen files and the step's pointers), dtype
-    and shape (a dimension -1 - j: the matrix's outlier count k plus j, data not format), its C parameter, the cast a pointer to it takes in
-    a call, and whether the format has it: always, never, or (optional) as the weights have it. An absent array is
-    passed as NULL."""
+    and shape (a dimension -1 - j: the matrix's outlier count k plus j, data not format), its C parameter, the cast
+    a pointer to it takes in a call, and whether the format has it: always, never, or (optional) as the weights
+    have it. An absent array is passed as NULL."""
     name: str
     dtype: type
     shape: tuple[int, ...]
@@ -184,13 +184,13 @@ class Family:
         arrays = {"words": pack_codes(q.codes, lay), "scales": pack_groups(q.scales.astype(dtype), lay)}
         if q.offsets is not None:
             arrays["offsets"] = pack_groups(q.offsets.astype(dtype), lay)
-        if q.outliers is not None:  # count-prefixed channels; each channel's weights for every tile row, zero-padded
+        if q.outliers is not None:  # count-prefixed channels (QuantizedWeights checked them); each channel's weights
+            # for every tile row, zero-padded
             k = len(q.outliers)
             arrays["outliers"] = np.concatenate([[k], q.outliers]).astype(np.int32)
             weights = np.zeros((k, lay.tiles * lay.tile_rows), np.float16)
             weights[:, :spec.rows] = q.outlier_weights.T
             arrays["outlier_weights"] = weights
-            outlier_count(arrays, spec.cols)
         return arrays
 
     def prototype(self, spec: KernelSpec, schedule: Schedule, name: str) -> str:
