@@ -16,7 +16,7 @@ from perfmodel.cost import bandwidth as model_bandwidth
 from perfmodel.host import from_target, known_targets
 from perfmodel.search import rank
 from qigen.pipeline import FREE, Request, best_isa, generate
-from qigen.options import add_activations, add_format, add_outliers, threads
+from qigen.options import add_activations, add_format, add_kv_cache, add_outliers, threads
 from qigen.spec import DEFAULT_GROUP, ISAS, KernelSpec, QuantSpec, SpecError
 from runtime.compiler import CompileError
 from runtime.loader import LoadError
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> dict:
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    seed=args.seed, context=args.ctx)
     check_generation(**{k: v for k, v in options.items() if k != "seed"})  # before the model loads
-    model = load_model(args.model, _quant(args), args.threads, activations=args.activations)
+    model = load_model(args.model, _quant(args), args.threads, activations=args.activations, kv_cache=args.kv_cache)
     if not args.chat:
         if args.prompt is None:
             raise ValueError("give --prompt TEXT, or --chat for a conversation")
@@ -179,9 +179,10 @@ def _perplexity(args: argparse.Namespace) -> dict:
     if args.ctx < 2:
         raise ValueError(f"ctx={args.ctx}: a window holds at least 2 tokens")
     text = Path(args.text).read_text()
-    model = load_model(args.model, _quant(args), args.threads, activations=args.activations)
+    model = load_model(args.model, _quant(args), args.threads, activations=args.activations, kv_cache=args.kv_cache)
     ppl, scored = model.perplexity(text, args.ctx, args.all_tokens, decode=args.decode)
-    return {"perplexity": ppl, "tokens_scored": scored, "ctx": args.ctx, "path": "decode" if args.decode else "prefill",
+    return {"perplexity": ppl, "tokens_scored": scored, "ctx": args.ctx, "kv_cache": args.kv_cache,
+            "path": "decode" if args.decode else "prefill",
             "scored": "all tokens after the first of each window" if args.all_tokens
             else "second half of each window (as llama.cpp)"}
 
@@ -217,6 +218,7 @@ def parser() -> argparse.ArgumentParser:
         add_outliers(c, " when a GGUF / HF model is quantized on load")
         c.add_argument("--fp32", action="store_true", help="run a GGUF / HF model unquantized")
         add_activations(c, None, shown="the file's, else auto")
+        add_kv_cache(c)
         c.add_argument("--threads", type=threads, help="threads (default: all cores)")
         c.add_argument("--json", action="store_true", help="one JSON object on stdout")
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from perfmodel.host import detect
 from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
+from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE
 from qigen.layout import pack_codes, stored_layout, unpack_codes
 from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, dequantize, quantize
@@ -28,7 +29,8 @@ from runtime import bandwidth
 from runtime.checkpoint import Checkpoint, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import PREFILL_BATCH, Kernels, Layer, Model, Weights, quantize_weights, split_linears, take_rows
+from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, kv_cache_format, quantize_weights,
+                           split_linears, take_rows)
 from runtime.tokenizer import Tokenizer, TokenizerError
 
 FORMAT, VERSION = "qigen-model", 1
@@ -143,22 +145,24 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
 
 
 
-def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True) -> Model:
+def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True,
+                kv_cache: str = DEFAULT_KV_CACHE) -> Model:
     """A model on kernels generated for this CPU: matrix-vector and matrix-matrix kernels for every product, with
-    the best predicted schedule, and (fused) the decode step on them, in one library (compiled once, then cached).
-    fp32 weights run on numpy."""
+    the best predicted schedule, and (fused) the decode step on them with its KV cache in the format kv_cache
+    (qigen.kvcache), in one library (compiled once, then cached). fp32 weights run on numpy."""
     if weights.quant is None:
-        return Model(weights, tokenizer, threads)
+        return Model(weights, tokenizer, threads, kv_cache=kv_cache)
+    kv_cache_format(kv_cache, weights.config)  # (a clear error before anything compiles)
     host = bandwidth.measured(detect())
     threads = threads or host.cores
-    spec = StepSpec.uniform(weights.config, weights.quant, best_isa(host))
+    spec = StepSpec.uniform(weights.config, weights.quant, best_isa(host), kv_cache)
     steps = (spec,) if fused else ()
     prefill = {s: prefill_spec(s, PREFILL_BATCH) for s in spec.kernel_specs()}  # decode spec → its prefill twin
     # prefill reads decode's packing where a matrix-matrix schedule can: one copy of the weights
     lib = build([*prefill, *prefill.values()], host, threads, steps, share={p: s for s, p in prefill.items()})
     kernels = Kernels(spec, {s: lib.kernels[s] for s in prefill}, {s: lib.kernels[p] for s, p in prefill.items()},
                       lib.steps.get(spec))
-    return Model(weights, tokenizer, threads, kernels)
+    return Model(weights, tokenizer, threads, kernels, kv_cache)
 
 
 CALIBRATION = Path(__file__).with_name("calibration.txt")  # the default calibration text: licenses no benchmark
@@ -252,17 +256,19 @@ def load(path: str | Path | None = None, **options):
 
 
 def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT_QUANT, threads: int | None = None,
-               progress: Callable[[str], None] = _log, activations: str | None = None) -> Model:
+               progress: Callable[[str], None] = _log, activations: str | None = None,
+               kv_cache: str = DEFAULT_KV_CACHE) -> Model:
     """A .qigen file as it is; a GGUF / Hugging Face checkpoint (default: SmolLM2-135M-Instruct) quantized
     with `quant` by RTN and cached beside the kernels, or run in fp32 when quant is None. activations: decode
-    with "int8", "fp32" or "auto" activations instead of the file's (or quant's) choice; the weights are the same."""
+    with "int8", "fp32" or "auto" activations instead of the file's (or quant's) choice; the weights are the same.
+    kv_cache: the KV cache's format (qigen.kvcache.FORMATS)."""
     if path is not None and Path(path).suffix == ".qigen":
         weights, tokenizer, _ = load_file(Path(path))
-        return build_model(_activations(weights, activations), tokenizer, threads)
+        return build_model(_activations(weights, activations), tokenizer, threads, kv_cache=kv_cache)
     ckpt_path = Path(path) if path is not None else default_model(progress)
     if quant is None:
         ckpt = load_checkpoint(ckpt_path)
-        return Model(split_linears(ckpt), ckpt.tokenizer, threads)
+        return Model(split_linears(ckpt), ckpt.tokenizer, threads, kv_cache=kv_cache)
     activations = activations or quant.activations
     quant = replace(quant, activations="auto")  # the cached weights do not depend on it
     stat = ckpt_path.stat()  # a changed source file gets a new cache entry
@@ -273,7 +279,7 @@ def load_model(path: str | Path | None = None, quant: QuantSpec | None = DEFAULT
         cached.parent.mkdir(parents=True, exist_ok=True)
         quantize_model(ckpt_path, replace(quant, method="rtn"), cached, progress=progress)
     weights, tokenizer, _ = load_file(cached)
-    return build_model(_activations(weights, activations), tokenizer, threads)
+    return build_model(_activations(weights, activations), tokenizer, threads, kv_cache=kv_cache)
 
 
 def _activations(weights: Weights, activations: str | None) -> Weights:

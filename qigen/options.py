@@ -1,10 +1,11 @@
-"""The command line's shared arguments, declared once: --bits, --group, --sym, --activations and --outliers for
+"""The command line's shared arguments, declared once: --bits, --group, --sym, --activations, --outliers and --kv-cache for
 generate, run, perplexity, quantize and both benches (which take comma-separated lists), and one parser per kind of value."""
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
 
+from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE, FORMATS as KV_FORMATS, formats_help
 from qigen.spec import BITS, GROUPS, MAX_OUTLIERS, activations, activations_help
 
 
@@ -69,6 +70,19 @@ def outliers(text: str) -> int | str:
     if not text.isdigit() or int(text) > MAX_OUTLIERS:
         raise Invalid(f"outliers '{text}' is not auto or a count 0 to {MAX_OUTLIERS}")
     return int(text)
+
+
+def kv_cache(text: str) -> str:
+    if text not in KV_FORMATS:
+        raise Invalid(f"KV cache '{text}' is not one of {', '.join(KV_FORMATS)}")
+    return text
+
+
+def add_kv_cache(p: argparse.ArgumentParser, *, lists: bool = False) -> None:
+    """--kv-cache on parser p: the KV cache's format; lists: comma-separated."""
+    default = (DEFAULT_KV_CACHE,) if lists else DEFAULT_KV_CACHE
+    p.add_argument("--kv-cache", type=comma_list(kv_cache) if lists else kv_cache, default=default,
+                   help=f"KV cache format: {formats_help()} (default {DEFAULT_KV_CACHE})")
 
 
 def add_outliers(p: argparse.ArgumentParser, what: str = "") -> None:

@@ -10,6 +10,7 @@ import jinja2
 
 from qigen.arch import ROLE_NAMES, ROLES
 from qigen.family import LINE, PREFETCH, KernelParams
+from qigen.kvcache import FORMATS as KV_FORMATS, KvFormat
 from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, check
 
 
@@ -92,6 +93,11 @@ class StepParams:
     key_prefetch: tuple[int, ...]  # bytes ahead of those rows that attention prefetches, one per line
     qkv_rows: int  # floats per token of qkv's output
     prefill: PrefillAttention
+    kv: KvFormat  # the caches' format
+    kv_row: int  # bytes per cached row (a position of a key/value head)
+    kv_codes_at: int  # where a row's codes start (after its blocks' parameters)
+    kv_vector_dims: int  # dims of a row that whole vectors cover; a floating-point format's rest are read one by one
+    vw: int  # fp32 lanes of a vector
 
 
 @dataclass(frozen=True)
@@ -113,13 +119,13 @@ class Source:
 def step_prototypes(name: str) -> tuple[str, ...]:
     """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
     tokens and `threads` threads; a prefill chunk's attention, its SwiGLU and its RMSNorm."""
-    state = ("float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
+    state = ("void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
              "float *logits, float *scratch, int threads")
     return (f"int {name}(const void *const *weights, const float *embedding, {state});",
             f"int {name}_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
             f"int stops, int *tokens, {state});",
             f"size_t {name}_scratch(int context, int threads);",
-            f"int {name}_prefill_attention(const float *qkv, int n, int layer, float *k_cache, float *v_cache, "
+            f"int {name}_prefill_attention(const float *qkv, int n, int layer, void *k_cache, void *v_cache, "
             f"const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads);",
             f"void {name}_prefill_swiglu(const float *gate_up, int n, float *out, int threads);",
             f"void {name}_prefill_rmsnorm(const float *x, const float *w, int n, float *out, int threads);")
@@ -159,6 +165,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
     k_at, v_at = list(qkv.offsets(c).values())[1:]
     slot, per_layer = step.slots()
     run, greedy, scratch, *_ = step_prototypes(step.name)
+    kv, vw = KV_FORMATS[step.kv_cache], ISAS[step.isa].vector_width
     return StepParams(
         name=step.name, prototype=run.rstrip(";"), greedy_prototype=greedy.rstrip(";"),
         scratch_prototype=scratch.rstrip(";"), layers=c.layers,
@@ -167,8 +174,10 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         attn_scale=f"{c.head_dim ** -0.5!r}f", segments=tuple(segments), head=kernels[step.head], glu=glu,
         k_at=k_at, v_at=v_at, at=at, own=own, own_floats=own_floats,
         part_stride=offsets({"part": c.head_dim + 2})[1], key_rows=key_rows,
-        key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * c.head_dim * 4, LINE)),
-        per_layer=per_layer, slot=slot, qkv_rows=qkv.shape(c)[0], prefill=prefill_attention(step))
+        key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * kv.row_bytes(c.head_dim), LINE)),
+        per_layer=per_layer, slot=slot, qkv_rows=qkv.shape(c)[0], prefill=prefill_attention(step),
+        kv=kv, kv_row=kv.row_bytes(c.head_dim), kv_codes_at=kv.param_bytes(c.head_dim),
+        kv_vector_dims=c.head_dim // vw * vw, vw=vw)
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from qigen.arch import HEAD, ROLE_NAMES, ROLES, LlamaConfig
+from qigen.kvcache import FORMATS as KV_FORMATS
 
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128, 256, None)  # None: one group per row
@@ -282,9 +283,6 @@ class QuantSpec:
                                                                        self.scale_dtype, isa=isa, family=name))
 
 
-KV_CACHES = ("fp32",)
-
-
 @dataclass(frozen=True)
 class StepSpec:
     """One decode step of a LLaMA-style model as one kernel. For one token and every layer: RMSNorm, the stacked
@@ -310,14 +308,17 @@ class StepSpec:
         if (self.head.rows, self.head.cols) != HEAD.shape(c):
             raise SpecError(f"step: the head is {self.head.rows}x{self.head.cols}, the model's is "
                             f"{'x'.join(map(str, HEAD.shape(c)))}")
-        if self.kv_cache not in KV_CACHES:
-            raise SpecError(f"step: KV cache '{self.kv_cache}' is unknown: choose {', '.join(KV_CACHES)}")
+        if self.kv_cache not in KV_FORMATS:
+            raise SpecError(f"step: KV cache '{self.kv_cache}' is unknown: choose {', '.join(KV_FORMATS)}")
+        if unfit := KV_FORMATS[self.kv_cache].unfit(c.head_dim):
+            raise SpecError(f"step: {unfit}")
 
     @classmethod
-    def uniform(cls, config: LlamaConfig, quant: QuantSpec, isa: str = "avx2") -> StepSpec:
+    def uniform(cls, config: LlamaConfig, quant: QuantSpec, isa: str = "avx2", kv_cache: str = "fp32") -> StepSpec:
         """Every layer's products in `quant`'s format, the head in its head format."""
         layer = tuple(quant.kernel_spec(*role.shape(config), isa=isa) for role in ROLES)
-        return cls(config, (layer,) * config.layers, quant.kernel_spec(*HEAD.shape(config), head=True, isa=isa), isa)
+        return cls(config, (layer,) * config.layers, quant.kernel_spec(*HEAD.shape(config), head=True, isa=isa), isa,
+                   kv_cache)
 
     def linear(self, layer: int, role: str) -> KernelSpec:
         return self.linears[layer][ROLE_NAMES.index(role)]

@@ -12,6 +12,7 @@ import numpy as np
 from perfmodel.host import detect
 from qigen.arch import ROLE_NAMES
 from qigen.family import Array
+from qigen.kvcache import FORMATS as KV_FORMATS
 from qigen.layout import PackedWeights, layout, pack
 from qigen.quant import QuantizedWeights, quantize
 from qigen.spec import KernelSpec, Schedule, StepSpec, kernel_name
@@ -96,9 +97,9 @@ class Kernel:
         return run
 
 
-def _floats(a: np.ndarray, shape: tuple[int, ...], what: str) -> np.ndarray:
-    if not (isinstance(a, np.ndarray) and a.dtype == np.float32 and a.shape == shape and a.flags.c_contiguous):
-        raise ValueError(f"{what}: a C-contiguous float32 array of shape {shape} expected, got "
+def _floats(a: np.ndarray, shape: tuple[int, ...], what: str, dtype=np.float32) -> np.ndarray:
+    if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.shape == shape and a.flags.c_contiguous):
+        raise ValueError(f"{what}: a C-contiguous {np.dtype(dtype)} array of shape {shape} expected, got "
                          f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
     return a
 
@@ -192,12 +193,14 @@ class BoundStep:
         arrays = (k_cache, v_cache, rope_cos, rope_sin)
         if not all(a is b for a, b in zip(arrays, self._state.arrays)):
             context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
+            dtype, row = KV_FORMATS[s.kv_cache].row_shape(s.config.head_dim)
             for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-                _floats(c, (s.config.layers, s.config.kv_heads, context, s.config.head_dim), name)
+                _floats(c, (s.config.layers, s.config.kv_heads, context, row), f"{name} ({s.kv_cache})", dtype)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
                 _floats(r, (context, s.config.head_dim // 2), name)
             logits = np.empty(s.config.vocab_size, np.float32)
-            self._state = _State(arrays, context, {}, logits, [self._cast(a) for a in (k_cache, v_cache)]
+            self._state = _State(arrays, context, {}, logits, [ffi.cast("void *", ffi.from_buffer(a, require_writable=True))
+                                                               for a in (k_cache, v_cache)]
                                  + [ffi.cast("const float *", ffi.from_buffer(a)) for a in (rope_cos, rope_sin)]
                                  + [self._cast(logits)])
         context, scratch = self._state.context, self._state.scratch

@@ -14,6 +14,7 @@ from threadpoolctl import ThreadpoolController
 
 from perfmodel.host import detect
 from qigen.arch import HEAD, NORMS, ROLE_NAMES, ROLES, LlamaConfig, layer_prefix
+from qigen.kvcache import FORMATS as KV_FORMATS, KvFormat
 from qigen.layout import PackedWeights, contiguous, huge_pages
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.spec import KernelSpec, QuantSpec, StepSpec
@@ -165,8 +166,8 @@ class ThreadChoice:
 
 @dataclass
 class RunState:
-    k: np.ndarray  # (layers, kv_heads, context, head_dim) key cache
-    v: np.ndarray  # (layers, kv_heads, context, head_dim) value cache
+    k: np.ndarray  # (layers, kv_heads, context, row) key cache: rows in the model's KV format (qigen.kvcache)
+    v: np.ndarray  # (layers, kv_heads, context, row) value cache
     cos: np.ndarray  # (context, head_dim/2) rotary angles' cosines per position
     sin: np.ndarray  # (context, head_dim/2)
     pos: int = 0  # tokens in the cache
@@ -216,18 +217,30 @@ def check_generation(max_tokens: int, temperature: float, top_k: int, top_p: flo
         raise ValueError(broken)
 
 
+def kv_cache_format(name: str, config: LlamaConfig) -> KvFormat:
+    """The KV-cache format `name`, checked against the model's head size."""
+    if name not in KV_FORMATS:
+        raise ValueError(f"KV cache '{name}' is unknown: choose {', '.join(KV_FORMATS)}")
+    if unfit := KV_FORMATS[name].unfit(config.head_dim):
+        raise ValueError(unfit)
+    return KV_FORMATS[name]
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
 
 
 class Model:
     def __init__(self, weights: Weights, tokenizer: Tokenizer, threads: int | None = None,
-                 kernels: Kernels | None = None):
+                 kernels: Kernels | None = None, kv_cache: str | None = None):
         """kernels: what a quantized model runs on (qigen.llm.build_model makes them); with a decode step in them,
         decode runs it (every layer and the head in C, one parallel region per token), else the Python loop over
-        per-product kernels."""
+        per-product kernels. kv_cache: the KV cache's format (qigen.kvcache), the kernels' when they have one."""
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
         self.threads = check_threads(threads)
+        self.kv = kv_cache_format(kv_cache or (kernels.spec.kv_cache if kernels else "fp32"), weights.config)
+        if kernels and self.kv.name != kernels.spec.kv_cache:
+            raise ValueError(f"KV cache {self.kv.name}: the kernels were generated for {kernels.spec.kv_cache}")
         self.decode_threads = ThreadChoice(self.threads)
         if (weights.quant is None) != (kernels is None):
             raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
@@ -254,9 +267,10 @@ class Model:
 
     def new_state(self, context: int) -> RunState:
         c = self.config
-        shape = (c.layers, c.kv_heads, context, c.head_dim)
+        dtype, row = self.kv.row_shape(c.head_dim)
+        shape = (c.layers, c.kv_heads, context, row)
         angles = np.outer(np.arange(context), self.rope_freqs)
-        cache = lambda: huge_pages(4 * int(np.prod(shape))).view(np.float32).reshape(shape)  # (read every token)
+        cache = lambda: huge_pages(dtype.itemsize * int(np.prod(shape))).view(dtype).reshape(shape)  # (read every token)
         return RunState(cache(), cache(), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
 
     @staticmethod
@@ -337,15 +351,16 @@ class Model:
         q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
         k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
         v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
-        state.k[i, :, pos:pos + n] = self._rope(k, state)
-        state.v[i, :, pos:pos + n] = v
+        state.k[i, :, pos:pos + n] = self.kv.encode(self._rope(k, state))
+        state.v[i, :, pos:pos + n] = self.kv.encode(v)
+        keys, values = (self.kv.decode(cache[i, :, :pos + n], hd) for cache in (state.k, state.v))
         q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
-        scores = q @ state.k[i, :, :pos + n].transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
+        scores = q @ keys.transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
         scores = scores.reshape(kvh, heads // kvh, n, pos + n)
         scores[..., causal] = -np.inf
         scores = np.exp(scores - scores.max(-1, keepdims=True))
         scores /= scores.sum(-1, keepdims=True)
-        att = scores.reshape(kvh, -1, pos + n) @ state.v[i, :, :pos + n]  # (kvh, group·T, hd)
+        att = scores.reshape(kvh, -1, pos + n) @ values  # (kvh, group·T, hd)
         return att.reshape(heads, n, hd).transpose(1, 0, 2).reshape(n, heads * hd)
 
     def prefill(self, tokens: list[int], state: RunState) -> np.ndarray:
@@ -359,8 +374,10 @@ class Model:
                  stats: Stats | None = None) -> Iterator[str]:
         """Text pieces as they are produced; stops at end of sequence, max_tokens or the context length."""
         check_generation(max_tokens, temperature, top_k, top_p, context)
+        if context is not None and context > self.config.context:
+            raise ValueError(f"context={context}: above the model's own {self.config.context} tokens")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        context = min(context or self.config.context, self.config.context)
+        context = context or self.config.context
         if not ids:
             raise ValueError("the prompt is empty")
         if len(ids) >= context:
@@ -415,6 +432,8 @@ class Model:
         int8), instead of in prefill chunks. Returns (ppl, scored)."""
         if not (_integer(ctx) and ctx >= 2):
             raise ValueError(f"ctx={ctx!r}: a window holds at least 2 tokens")
+        if ctx > self.config.context:
+            raise ValueError(f"ctx={ctx}: above the model's own context of {self.config.context} tokens")
         ids = self.tokenizer.encode(text)
         if len(ids) < ctx:
             raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {ctx}")

@@ -18,6 +18,22 @@ static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
 #define vi_sll(a, n) _mm256_slli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
+/* KV caches: VW int8 codes or 4-bit codes (the low or high nibbles of VW bytes) as floats; a vector's sum; one
+   fp16 value to float and back (rounded to nearest even) */
+static inline vf vf_load_s8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline vf vf_load_u4(const uint8_t *p, int high)
+{
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(high ? _mm256_srli_epi32(c, 4) : c, _mm256_set1_epi32(15)));
+}
+static inline float vf_sum(vf a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float f_half(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h))); }
+static inline uint16_t half_f(float f) { return (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(f), 0), 0); }
 /* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
 static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }

@@ -709,6 +709,13 @@ def test_cli_out_of_range_values(capsys, argv, named):
     assert code == 2 and named in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["perplexity", "--text", "x.txt"]])
+def test_cli_unknown_kv_cache(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--kv-cache", "q9"])
+    assert e.value.code == 2 and "KV cache 'q9' is not one of fp32, fp16, q8, q4" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value, named", [("0", "0 is not a positive integer"),
                                           (str(CORES + 1), f"threads={CORES + 1}: from 1 to the {CORES} cores")])
 @pytest.mark.parametrize("command", [["run", "--prompt", "hi"], ["perplexity", "--text", "x.txt"]])

@@ -52,6 +52,41 @@ static inline vf vi_to_vf(vi a)
 static inline vf vf_load_h(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 static inline vf vi_to_vf(vi a) { return _mm512_cvtepi32_ps(a); }
 #endif
+/* KV caches: VW int8 codes or 4-bit codes (the low or high nibbles of VW bytes) as floats; a vector's sum; one
+   fp16 value to float and back (rounded to nearest even) */
+#ifdef QIGEN_SIMDE /* SIMDE 0.7 lacks the byte-to-int32 conversions: lane by lane */
+static inline vf vf_load_s8(const int8_t *p)
+{
+    float t[16];
+    for (int j = 0; j < 16; j++)
+        t[j] = (float)p[j];
+    return _mm512_loadu_ps(t);
+}
+static inline vf vf_load_u4(const uint8_t *p, int high)
+{
+    float t[16];
+    for (int j = 0; j < 16; j++)
+        t[j] = (float)((high ? p[j] >> 4 : p[j]) & 15);
+    return _mm512_loadu_ps(t);
+}
+#else
+static inline vf vf_load_s8(const int8_t *p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p))); }
+static inline vf vf_load_u4(const uint8_t *p, int high)
+{
+    const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_cvtepi32_ps(_mm512_and_si512(high ? _mm512_srli_epi32(c, 4) : c, _mm512_set1_epi32(15)));
+}
+#endif
+static inline float vf_sum(vf a)
+{
+    float t[16], s = 0.0f;
+    _mm512_storeu_ps(t, a);
+    for (int j = 0; j < 16; j++)
+        s += t[j];
+    return s;
+}
+static inline float f_half(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h))); }
+static inline uint16_t half_f(float f) { return (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(f), 0), 0); }
 /* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
 static inline vi vi_maddubs(vi u, vi s) { return _mm512_maddubs_epi16(u, s); }
 static inline vi vi_add16(vi a, vi b) { return _mm512_add_epi16(a, b); }

@@ -30,6 +30,19 @@ static inline vi vi_or(vi a, vi b) { return a | b; }
 #define vi_srl(a, n) ((a) >> (n))
 #define vi_sll(a, n) ((a) << (n))
 static inline vf vi_to_vf(vi a) { return (float)(int32_t)a; }
+/* KV caches: an int8 code or a 4-bit code (the low or high nibble of a byte) as a float; a vector's sum; one fp16
+   value to float and back (rounded to nearest even) */
+static inline vf vf_load_s8(const int8_t *p) { return (float)*p; }
+static inline vf vf_load_u4(const uint8_t *p, int high) { return (float)((high ? *p >> 4 : *p) & 15); }
+static inline float vf_sum(vf a) { return a; }
+static inline float f_half(uint16_t h) { return vf_load_h(&h); }
+static inline uint16_t half_f(float f)
+{
+    const _Float16 v = (_Float16)f;
+    uint16_t h;
+    memcpy(&h, &v, sizeof h);
+    return h;
+}
 /* int8 activations, one 32-bit lane: u8 x s8 products of bytes 0-1 and 2-3 summed into int16 halves (the kernels
    keep every sum within int16, so the saturation of the SIMD instruction never applies), int16 adds, halves summed */
 static inline vi vi_maddubs(vi u, vi s)

@@ -24,6 +24,22 @@ static inline vi vi_or(vi a, vi b) { return _mm256_or_si256(a, b); }
 #define vi_srl(a, n) _mm256_srli_epi32((a), (n))
 #define vi_sll(a, n) _mm256_slli_epi32((a), (n))
 static inline vf vi_to_vf(vi a) { return _mm256_cvtepi32_ps(a); }
+/* KV caches: VW int8 codes or 4-bit codes (the low or high nibbles of VW bytes) as floats; a vector's sum; one
+   fp16 value to float and back (rounded to nearest even) */
+static inline vf vf_load_s8(const int8_t *p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p))); }
+static inline vf vf_load_u4(const uint8_t *p, int high)
+{
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtepi32_ps(_mm256_and_si256(high ? _mm256_srli_epi32(c, 4) : c, _mm256_set1_epi32(15)));
+}
+static inline float vf_sum(vf a)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+static inline float f_half(uint16_t h) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h))); }
+static inline uint16_t half_f(float f) { return (uint16_t)_mm_extract_epi16(_mm_cvtps_ph(_mm_set_ss(f), 0), 0); }
 /* int8 activations: u8 codes x s8 activations summed in int16 pairs, int16 adds, int16 pairs summed to int32 */
 static inline vi vi_maddubs(vi u, vi s) { return _mm256_maddubs_epi16(u, s); }
 static inline vi vi_add16(vi a, vi b) { return _mm256_add_epi16(a, b); }
@@ -688,13 +704,26 @@ int gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0(const uint32_t *w, const void
 
 
 
+
+/* one cache row (fp32, 96 bytes) from head_dim floats */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(uint8_t *row, const float *x)
+{
+    memcpy(row, x, sizeof(float) * 24);
+}
+
+/* head_dim floats from a cache row */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_get(const uint8_t *row, float *x)
+{
+    memcpy(x, row, sizeof(float) * 24);
+}
+
 /* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
    the token at `pos`, from its embedding to its logits, in one parallel region.
    weights: per layer 22 pointers (attn_norm, ffn_norm, then the words, scales and offsets of qkv, o,
    gate_up and down), then the final norm and the head's words, scales and offsets.
-   embedding: the token's; k_cache, v_cache: (layers, kv_heads, context, head_dim); rope_cos, rope_sin: (context,
-   head_dim / 2). Returns the greedy next token. */
+   embedding: the token's; k_cache, v_cache: (layers, kv_heads, context) rows of 96 bytes (fp32:
+   fp32, as computed); rope_cos, rope_sin: (context, head_dim / 2). Returns the greedy next token. */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
     return 416 + ((size_t)3 * context + 15) / 16 * 16
@@ -712,15 +741,6 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
         out[i] = x[i] * r * w[i];
 }
 
-static inline float step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(const float *a, const float *b)
-{
-    float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-    for (int i = 0; i < 24; i++)
-        d += a[i] * b[i];
-    return d;
-}
-
 /* rotate the pairs (i, i + head_dim/2) of one head by the angles at pos (Hugging Face's layout) */
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(float *v, const float *cs, const float *sn)
 {
@@ -732,30 +752,53 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
 }
 
 /* One part of the attention of a key/value head's 3 query heads (q, rotated, one after another):
-   positions t0..t1 of the caches kh and vh and, when last, this token's k and v at pos (t1 = pos then: another
-   part may be writing them to the cache). Each key row is read once for all the query heads. Per head into part:
-   the output not yet divided by the sum of exps, then the largest score, then that sum; scores in sc (a head's
-   every `context` floats). An empty part gives zeros and a score of -inf. */
-static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const float *kh, const float *vh, const float *k, const float *v, int t0,
-                                int t1, int last, int context, float *sc, float *part)
+   positions t0..te - 1 of the caches kh and vh (fp32 rows of 96 bytes). Each key and value row is read
+   once for all the query heads, 2 at a time. Per head into part: the output not yet divided by the sum of
+   exps, then the largest score, then that sum; scores in sc (a head's every `context` floats). An empty part gives
+   zeros and a score of -inf. */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(const float *q, const uint8_t *kh, const uint8_t *vh, int t0, int te, int context,
+                                float *sc, float *part)
 {
     int t = t0;
-    for (; t + 2 <= t1; t += 2) {
-        const float *k0 = kh + (size_t)(t + 0) * 24;
-        const float *k1 = kh + (size_t)(t + 1) * 24;
+    for (; t + 2 <= te; t += 2) {
+        const uint8_t *k0 = kh + (size_t)(t + 0) * 96;
+        const uint8_t *k1 = kh + (size_t)(t + 1) * 96;
         __builtin_prefetch((const char *)k0 + 1024);
         __builtin_prefetch((const char *)k0 + 1088);
         __builtin_prefetch((const char *)k0 + 1152);
-        float d0_0 = 0.0f, d0_1 = 0.0f, d0_2 = 0.0f, d1_0 = 0.0f, d1_1 = 0.0f, d1_2 = 0.0f;
-#pragma omp simd reduction(+ : d0_0, d0_1, d0_2, d1_0, d1_1, d1_2)
-        for (int i = 0; i < 24; i++) {
-            d0_0 += q[0 + i] * k0[i];
-            d0_1 += q[24 + i] * k0[i];
-            d0_2 += q[48 + i] * k0[i];
-            d1_0 += q[0 + i] * k1[i];
-            d1_1 += q[24 + i] * k1[i];
-            d1_2 += q[48 + i] * k1[i];
+        vf a0_0 = vf_zero();
+        vf a0_1 = vf_zero();
+        vf a0_2 = vf_zero();
+        vf a1_0 = vf_zero();
+        vf a1_1 = vf_zero();
+        vf a1_2 = vf_zero();
+        {
+            for (int i = 0; i < 24; i += VW) {
+                const vf x0 = vf_load((const float *)k0 + i);
+                const vf x1 = vf_load((const float *)k1 + i);
+                {
+                    const vf qh = vf_load(q + 0 + i);
+                    a0_0 = vf_fma(qh, x0, a0_0);
+                    a1_0 = vf_fma(qh, x1, a1_0);
+                }
+                {
+                    const vf qh = vf_load(q + 24 + i);
+                    a0_1 = vf_fma(qh, x0, a0_1);
+                    a1_1 = vf_fma(qh, x1, a1_1);
+                }
+                {
+                    const vf qh = vf_load(q + 48 + i);
+                    a0_2 = vf_fma(qh, x0, a0_2);
+                    a1_2 = vf_fma(qh, x1, a1_2);
+                }
+            }
         }
+        float d0_0 = vf_sum(a0_0);
+        float d0_1 = vf_sum(a0_1);
+        float d0_2 = vf_sum(a0_2);
+        float d1_0 = vf_sum(a1_0);
+        float d1_1 = vf_sum(a1_1);
+        float d1_2 = vf_sum(a1_2);
         sc[0 * context + t + 0] = d0_0 * 0.2041241452319315f;
         sc[1 * context + t + 0] = d0_1 * 0.2041241452319315f;
         sc[2 * context + t + 0] = d0_2 * 0.2041241452319315f;
@@ -763,13 +806,35 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
         sc[1 * context + t + 1] = d1_1 * 0.2041241452319315f;
         sc[2 * context + t + 1] = d1_2 * 0.2041241452319315f;
     }
-    for (; t < t1; t++)
-        for (int h = 0; h < 3; h++)
-            sc[h * context + t] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q + h * 24, kh + (size_t)t * 24) * 0.2041241452319315f;
-    if (last)
-        for (int h = 0; h < 3; h++)
-            sc[h * context + t1] = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_dot(q + h * 24, k) * 0.2041241452319315f;
-    const int te = t1 + last;
+    for (; t < te; t++) {
+        const uint8_t *k0 = kh + (size_t)(t + 0) * 96;
+        vf a0_0 = vf_zero();
+        vf a0_1 = vf_zero();
+        vf a0_2 = vf_zero();
+        {
+            for (int i = 0; i < 24; i += VW) {
+                const vf x0 = vf_load((const float *)k0 + i);
+                {
+                    const vf qh = vf_load(q + 0 + i);
+                    a0_0 = vf_fma(qh, x0, a0_0);
+                }
+                {
+                    const vf qh = vf_load(q + 24 + i);
+                    a0_1 = vf_fma(qh, x0, a0_1);
+                }
+                {
+                    const vf qh = vf_load(q + 48 + i);
+                    a0_2 = vf_fma(qh, x0, a0_2);
+                }
+            }
+        }
+        float d0_0 = vf_sum(a0_0);
+        float d0_1 = vf_sum(a0_1);
+        float d0_2 = vf_sum(a0_2);
+        sc[0 * context + t + 0] = d0_0 * 0.2041241452319315f;
+        sc[1 * context + t + 0] = d0_1 * 0.2041241452319315f;
+        sc[2 * context + t + 0] = d0_2 * 0.2041241452319315f;
+    }
     for (int h = 0; h < 3; h++) {
         float *sh = sc + h * context, *out = part + h * 32;
         float m = -INFINITY, sum = 0.0f;
@@ -781,25 +846,57 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
             sh[t] = qigen_exp(sh[t] - m);
             sum += sh[t];
         }
-        const float pl = last ? sh[t1] : 0.0f;
-#pragma omp simd
-        for (int i = 0; i < 24; i++)
-            out[i] = pl * v[i];
-        for (t = t0; t + 4 <= t1; t += 4) {  /* four values at a time: a quarter of the loads and stores of out */
-            const float *v0 = vh + (size_t)t * 24, *v1 = v0 + 24, *v2 = v1 + 24, *v3 = v2 + 24;
-            const float p0 = sh[t], p1 = sh[t + 1], p2 = sh[t + 2], p3 = sh[t + 3];
-#pragma omp simd
-            for (int i = 0; i < 24; i++)
-                out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
-        }
-        for (; t < t1; t++) {
-            const float p = sh[t], *vt = vh + (size_t)t * 24;
-#pragma omp simd
-            for (int i = 0; i < 24; i++)
-                out[i] += p * vt[i];
-        }
+        memset(out, 0, sizeof(float) * 24);
         out[24] = m;
         out[25] = sum;
+    }
+    /* the outputs in chunks of 32 dims (a quantized format's blocks), each in registers over all the positions */
+    {
+        vf o0_0 = vf_zero();
+        vf o0_1 = vf_zero();
+        vf o0_2 = vf_zero();
+        vf o1_0 = vf_zero();
+        vf o1_1 = vf_zero();
+        vf o1_2 = vf_zero();
+        vf o2_0 = vf_zero();
+        vf o2_1 = vf_zero();
+        vf o2_2 = vf_zero();
+        for (t = t0; t < te; t++) {
+            const uint8_t *k0 = vh + (size_t)t * 96;
+            const float p0 = sc[0 * context + t];
+            const vf w0 = vf_set1(p0);
+            const float p1 = sc[1 * context + t];
+            const vf w1 = vf_set1(p1);
+            const float p2 = sc[2 * context + t];
+            const vf w2 = vf_set1(p2);
+            {
+                const vf x = vf_load((const float *)k0 + 0);
+                o0_0 = vf_fma(x, w0, o0_0);
+                o1_0 = vf_fma(x, w1, o1_0);
+                o2_0 = vf_fma(x, w2, o2_0);
+            }
+            {
+                const vf x = vf_load((const float *)k0 + 8);
+                o0_1 = vf_fma(x, w0, o0_1);
+                o1_1 = vf_fma(x, w1, o1_1);
+                o2_1 = vf_fma(x, w2, o2_1);
+            }
+            {
+                const vf x = vf_load((const float *)k0 + 16);
+                o0_2 = vf_fma(x, w0, o0_2);
+                o1_2 = vf_fma(x, w1, o1_2);
+                o2_2 = vf_fma(x, w2, o2_2);
+            }
+        }
+        vf_store(part + 0, o0_0);
+        vf_store(part + 8, o0_1);
+        vf_store(part + 16, o0_2);
+        vf_store(part + 32, o1_0);
+        vf_store(part + 40, o1_1);
+        vf_store(part + 48, o1_2);
+        vf_store(part + 64, o2_0);
+        vf_store(part + 72, o2_1);
+        vf_store(part + 80, o2_2);
     }
 }
 
@@ -831,12 +928,12 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     }
 }
 
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, const float *embedding, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const void *const *weights, const float *embedding, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
     float *x = scratch + 0, *qkv = scratch + 80, *ffn = scratch + 208;
     float *scores = scratch + 416;
     float *part = scores + ((size_t)3 * context + 15) / 16 * 16;
-    const size_t head_stride = (size_t)context * 24;
+    const size_t head_stride = (size_t)context * 96;
     const float *cs = rope_cos + (size_t)pos * 12, *sn = rope_sin + (size_t)pos * 12;
     memcpy(x, embedding, sizeof(float) * 72);  /* the residual stream */
 #pragma omp parallel num_threads(threads)
@@ -847,15 +944,15 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
         float *att = own + 192, *xs = own + 272;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 22;
-            float *kc = k_cache + (size_t)l * 1 * head_stride;
-            float *vc = v_cache + (size_t)l * 1 * head_stride;
+            uint8_t *kc = (uint8_t *)k_cache + (size_t)l * 1 * head_stride;
+            uint8_t *vc = (uint8_t *)v_cache + (size_t)l * 1 * head_stride;
             /* attention: q, k, v of the normed input */
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, (const int32_t *)L[5], xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], (const int32_t *)L[5], (const uint16_t *)L[6], xs, NULL, qkv);
             /* attention in parts: every key/value head's positions 0..pos split in as many parts as threads, so each
                thread reads its share of the caches once for all the query heads of a group. Each part rotates the group's
-               query heads and key; the first appends that key and the value to the cache at pos, which no part reads */
+               query heads and key; the last, which alone reads position pos, first appends that key and the value there */
 #pragma omp for schedule(static)
             for (int u = 0; u < 1 * parts; u++) {
                 const int g = u / parts, p = u % parts;
@@ -865,12 +962,12 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
                     step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(q + i * 24, cs, sn);
                 memcpy(k, qkv + 72 + g * 24, sizeof(float) * 24);
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, cs, sn);
-                if (p == 0) {
-                    memcpy(kc + g * head_stride + (size_t)pos * 24, k, sizeof(float) * 24);
-                    memcpy(vc + g * head_stride + (size_t)pos * 24, v, sizeof(float) * 24);
+                if (p == parts - 1) {  /* the part that reads position pos writes it */
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(kc + g * head_stride + (size_t)pos * 96, k);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * head_stride + (size_t)pos * 96, v);
                 }
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, k, v, (int)((long)pos * p / parts),
-                                    (int)((long)pos * (p + 1) / parts), p == parts - 1, context,
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, (int)((long)pos * p / parts),
+                                    p == parts - 1 ? pos + 1 : (int)((long)pos * (p + 1) / parts), context,
                                     scores + (size_t)g * 3 * context,
                                     part + ((size_t)p * 3 + g * 3) * 32);
             }
@@ -916,7 +1013,7 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
 /* Greedy decoding: steps in a loop, each feeding the token it picks to the next, from `token` at pos. embeddings:
    the table (vocab, hidden). The picked tokens go to tokens[0..n); a token among stop[0..stops) is kept and ends
    the loop. Returns how many tokens it picked; the caches then hold pos..pos + that - 1. */
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, int *tokens, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, int *tokens, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
     for (int i = 0; i < n; i++) {
         token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(weights, embeddings + (size_t)token * 72, k_cache, v_cache, rope_cos, rope_sin,
@@ -936,16 +1033,19 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(
    over positions 0..pos + n - 1 into att (n, heads · head_dim). Tiles of 24 lanes: a key/value head's
    3 query heads × VW tokens, one lane each, so every score, exp and product is a vector op; keys in
    blocks of 64 with an online softmax (running max and sum per lane). Returns -1 when out of memory. */
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_attention(const float *qkv, int n, int layer, float *k_cache, float *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_attention(const float *qkv, int n, int layer, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads)
 {
-    const size_t head_stride = (size_t)context * 24;
-    float *kc = k_cache + (size_t)layer * 1 * head_stride;
-    float *vc = v_cache + (size_t)layer * 1 * head_stride;
-    const int blocks = (n + VW - 1) / VW;
-    float *qr = qigen_alloc(sizeof(float) * ((size_t)n * 72 + (size_t)threads * 2784));
+    const size_t head_stride = (size_t)context * 96;
+    uint8_t *kc = (uint8_t *)k_cache + (size_t)layer * 1 * head_stride;
+    uint8_t *vc = (uint8_t *)v_cache + (size_t)layer * 1 * head_stride;
+    const int blocks = (n + VW - 1) / VW, keys = pos + n;
+    const size_t rows = 0, kv_stride = (size_t)context * 24;  /* the tiles read the caches */
+    float *qr = qigen_alloc(sizeof(float) * ((size_t)n * 72 + (size_t)threads * 2784
+                                             + 2 * rows * 24));
     if (!qr)
         return -1;
     float *owns = qr + (size_t)n * 72;
+    const float *kx = (const float *)kc, *vx = (const float *)vc;
 #pragma omp parallel num_threads(threads)
     {
         /* q rotated into qr, k rotated and v into the caches at pos + j */
@@ -953,16 +1053,15 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill
         for (int j = 0; j < n; j++) {
             const float *cs = rope_cos + (size_t)(pos + j) * 12, *sn = rope_sin + (size_t)(pos + j) * 12;
             const float *row = qkv + (size_t)j * 120;
-            float *qj = qr + (size_t)j * 72;
+            float *qj = qr + (size_t)j * 72, kt[24];
             memcpy(qj, row, sizeof(float) * 72);
             for (int h = 0; h < 3; h++)
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(qj + h * 24, cs, sn);
             for (int g = 0; g < 1; g++) {
-                float *kt = kc + g * head_stride + (size_t)(pos + j) * 24;
                 memcpy(kt, row + 72 + g * 24, sizeof(float) * 24);
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(kt, cs, sn);
-                memcpy(vc + g * head_stride + (size_t)(pos + j) * 24, row + 96 + g * 24,
-                       sizeof(float) * 24);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(kc + g * head_stride + (size_t)(pos + j) * 96, kt);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * head_stride + (size_t)(pos + j) * 96, row + 96 + g * 24);
             }
         }
         float *own = owns + (size_t)omp_get_thread_num() * 2784;
@@ -973,7 +1072,7 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill
         for (int u = 0; u < blocks * 1; u++) {
             const int b = blocks - 1 - u / 1, g = u % 1;
             const int j0 = b * VW, nq = n - j0 < VW ? n - j0 : VW, kend = pos + j0 + nq;
-            const float *kh = kc + g * head_stride, *vh = vc + g * head_stride;
+            const float *kh = kx + g * kv_stride, *vh = vx + g * kv_stride;
             /* lane h·VW + i: query head g·3 + h of token j0 + i; lanes past the chunk hold zeros */
             for (int d = 0; d < 24; d++)
                 for (int h = 0; h < 3; h++)
