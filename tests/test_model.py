@@ -99,7 +99,8 @@ def test_decode_step_matches_python_loop(q8):
     With fp32 activations: int8 ones would turn last-bit differences into a step of the head's activations."""
 
     w = replace(q8.w, quant=replace(q8.w.quant, activations="fp32"))
-    step, loop = build_model(w, q8.tokenizer, threads=2), build_model(w, q8.tokenizer, threads=2, fused=False)
+    # an fp32 cache: in q8 a k that differs in its last bit may round to another code (the caches' own tests)
+    step, loop = (build_model(w, q8.tokenizer, threads=2, fused=f, kv_cache="fp32") for f in (True, False))
     assert step.step is not None and loop.step is None
     ids = q8.tokenizer.encode(PROMPTS[2])
     a, b = step.new_state(len(ids) + 8), loop.new_state(len(ids) + 8)
@@ -145,7 +146,9 @@ def test_int8_activations_keep_perplexity(ckpt):
     perplexity stays within 3% of fp32 activations on the same weights. Prefill reads decode's packing."""
 
     w = quantize_weights(split_linears(ckpt), QuantSpec(4, 64))
-    int8, fp32 = build_model(w, ckpt.tokenizer, 2), build_model(replace(w, quant=replace(w.quant, activations="fp32")), ckpt.tokenizer, 2)
+    # (an fp32 cache: the activations' cost alone; the caches' is measured in test_quantized_kv_caches_on_the_real_model)
+    int8, fp32 = (build_model(v, ckpt.tokenizer, 2, kv_cache="fp32")
+                  for v in (w, replace(w, quant=replace(w.quant, activations="fp32"))))
     assert "a8" in int8.w.quant.kernel_spec(576, 576).name and "a8" not in fp32.w.quant.kernel_spec(576, 576).name
     text = (Path(__file__).parent.parent / "qigen" / "bench" / "gpl-3.txt").read_text()[:3000]
     p8, scored = int8.perplexity(text, ctx=128, decode=True)
@@ -184,7 +187,7 @@ def test_outlier_channels_on_the_real_model(ckpt, tmp_path):
                 np.testing.assert_array_equal(x.outliers, y.outliers)
                 np.testing.assert_array_equal(x.outlier_weights, y.outlier_weights)
     f32 = replace(back, quant=replace(back.quant, activations="fp32"))
-    step, loop = build_model(f32, ckpt.tokenizer, threads=2), build_model(f32, ckpt.tokenizer, threads=2, fused=False)
+    step, loop = (build_model(f32, ckpt.tokenizer, threads=2, fused=f, kv_cache="fp32") for f in (True, False))
     ids = ckpt.tokenizer.encode(PROMPTS[0])
     a, b = step.new_state(len(ids) + 4), loop.new_state(len(ids) + 4)
     step.prefill(ids, a), loop.prefill(ids, b)

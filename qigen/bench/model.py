@@ -33,7 +33,8 @@ from runtime import bandwidth
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional,
                          probe, render_text, summary, write)
-from qigen.options import add_activations, add_format, comma_list, outliers, positive, threads
+from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE, FORMATS as KV_FORMATS, KvFormat
+from qigen.options import add_activations, add_format, add_kv_cache, comma_list, outliers, positive, threads
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
 from qigen.arch import ROLES, linear_weights
@@ -119,6 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outliers", type=comma_list(outliers), default=(0,),
                    help="outlier channels per layer to sweep (qigen quantize --outliers): counts and/or auto, "
                         "calibrated like GPTQ (default 0)")
+    add_kv_cache(p, lists=True)
     p.add_argument("--threads", type=comma_list(threads), help="thread counts to sweep (default: 1 and all cores)")
     p.add_argument("--repeat", type=positive, default=3, help="speed runs per thread count; median and spread (default 3)")
     p.add_argument("--ctx", type=positive, default=512, help="perplexity window in tokens (default 512)")
@@ -242,7 +244,6 @@ class Run:
         self.args, self.ckpt, self.source = args, ckpt, source
         self.calib, self.evaluation, self.prompt = texts(ckpt, args.ctx, args.max_windows)
         self.weights, self.params = weight_counts(ckpt)
-        self.kv = kv_bytes(ckpt, len(self.prompt), args.tokens)
         self.eval_ids = ckpt.tokenizer.encode(self.evaluation)
         if len(self.eval_ids) < args.ctx:
             raise BenchError(f"the evaluation text has {len(self.eval_ids)} tokens, fewer than one --ctx window of "
@@ -267,7 +268,7 @@ class Run:
         """One thread count's speed entry: medians and spreads of the runs, and decode against the bandwidth rate,
         each run set against the higher of the probes around it (probes: one more than runs, or two around all)."""
         prompt, decode = summary(prompt_runs), summary(decode_runs)
-        bytes_per_token = per_token + self.kv
+        bytes_per_token = per_token
         around = zip(probes, probes[1:]) if len(probes) == len(decode_runs) + 1 else [probes] * len(decode_runs)
         shares = [100 * d * bytes_per_token / max(p) for d, p in zip(decode_runs, around)]
         bw = float(np.median(probes))
@@ -277,8 +278,13 @@ class Run:
                 "share_in_kernels": share_in_kernels, "read_bandwidth": bw, "bandwidth_probes": probes,
                 "bandwidth_rate": bw / bytes_per_token, "bandwidth_pct": float(np.median(shares))}
 
+    def kv(self, name: str) -> float:
+        """Bytes of a KV cache in format `name` that each decoded token reads, on average over a speed run."""
+        return kv_bytes(self.ckpt, len(self.prompt), self.args.tokens, KV_FORMATS[name])
+
     def measure(self, record: dict, make, per_token: float) -> dict:
-        """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised."""
+        """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised.
+        per_token: the bytes each decoded token reads (weights and KV cache)."""
         try:
             model = None
             record["speed"] = {}
@@ -289,34 +295,40 @@ class Run:
         except Exception as e:  # e.g. GPTQ failing numerically: report it and go on with the rest
             record["error"] = f"{type(e).__name__}: {e}"
             log(f"{record['name']} FAILED: {record['error']}")
-        return record | {"bytes_per_token": per_token + self.kv}
+        return record | {"bytes_per_token": per_token}
 
-    def qigen(self, bits: int, group: int | None, method: str, activations: str, outliers: int | str = 0) -> dict:
+    def qigen(self, bits: int, group: int | None, method: str, activations: str, outliers: int | str = 0,
+              kv: str = DEFAULT_KV_CACHE) -> dict:
+        """One format with the KV cache `kv`: quantized by the first of --kv-cache's formats, kept for the rest."""
         quant = QuantSpec(bits, group, method=method, activations=activations, outliers=outliers)
         act = quant.resolved_activations
         kept = f" outliers {outliers}" if outliers else ""
-        name = f"q{bits} g{group or 'row'} {method} {act}{kept}"
+        cache = f" kv {kv}" if kv != DEFAULT_KV_CACHE else ""
+        name = f"q{bits} g{group or 'row'} {method} {act}{kept}{cache}"
         path = self.args.out / "models" / f"q{bits}g{group or 'row'}-{method}-{act}{kept.replace(' ', '-')}.qigen"
         record = {"name": name, "kind": "qigen", "bits": bits, "group": group, "method": method, "activations": act,
-                  "outliers": outliers}
+                  "outliers": outliers, "kv_cache": kv}
         try:
-            t0 = time.perf_counter()
-            quantize_model(self.source, quant, path, self.calib, act_order=True, progress=lambda s: None)
+            if kv == self.args.kv_cache[0]:
+                t0 = time.perf_counter()
+                quantize_model(self.source, quant, path, self.calib, act_order=True, progress=lambda s: None)
+                record["quantize_s"] = time.perf_counter() - t0
             packed = packed_bytes(path)
-            record |= {"quantize_s": time.perf_counter() - t0, "size_bytes": path.stat().st_size,
-                       "packed_bytes": packed, "bits_per_weight": 8 * packed / self.weights}
+            record |= {"size_bytes": path.stat().st_size, "packed_bytes": packed,
+                       "bits_per_weight": 8 * packed / self.weights}
         except Exception as e:
             log(f"{name} FAILED: {type(e).__name__}: {e}")
             return record | {"error": f"{type(e).__name__}: {e}"}
-        record = self.measure(record, lambda t: load_model(path, threads=t), packed)
-        if not self.args.keep_models:
+        record = self.measure(record, lambda t: load_model(path, threads=t, kv_cache=kv), packed + self.kv(kv))
+        if not self.args.keep_models and kv == self.args.kv_cache[-1]:
             path.unlink()
         return record
 
     def qigen_fp32(self) -> dict:
         return self.measure({"name": "qigen fp32", "kind": "qigen fp32", "size_bytes": 4 * self.params,
-                             "bits_per_weight": 32.0}, lambda t: load_model(self.source, quant=None, threads=t),
-                            4 * self.weights)
+                             "bits_per_weight": 32.0, "kv_cache": "fp32"},
+                            lambda t: load_model(self.source, quant=None, threads=t, kv_cache="fp32"),
+                            4 * self.weights + self.kv("fp32"))
 
     def torch(self, kind: str) -> dict:
         """The plain-torch model in fp32 or bf16, or torch's dynamic int8 of its Linear layers."""
@@ -331,8 +343,9 @@ class Run:
                 torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
             c = self.ckpt.config  # int8 linears and head; fp32 embeddings (kept apart when tied) and norms
             size = self.weights + 4 * (self.params - self.weights + c.tied_embeddings * c.vocab_size * c.hidden)
-        record = {"name": kind, "kind": kind, "bits_per_weight": 8.0 * per_token, "size_bytes": size}
-        return self.measure(record, lambda t: torch.set_num_threads(t) or model, per_token * self.weights)
+        record = {"name": kind, "kind": kind, "bits_per_weight": 8.0 * per_token, "size_bytes": size, "kv_cache": "fp32"}
+        return self.measure(record, lambda t: torch.set_num_threads(t) or model,
+                            per_token * self.weights + self.kv("fp32"))
 
     def llama_bench(self, record: dict, tools: LlamaTools, path: Path, per_token: float) -> dict:
         """Speed from llama-bench (pp of the speed runs' prompt length, tg of --tokens, --repeat repetitions) with
@@ -350,7 +363,8 @@ class Run:
         """llama.cpp on the source GGUF re-quantized to `llama_type`, same threads: by its own tools when there
         (llama_tools), else through llama-cpp-python on the same texts and windows."""
         path = self.args.out / "models" / f"llama-cpp-{llama_type}.gguf"
-        record = {"name": f"llama.cpp {llama_type}", "kind": "llama.cpp", "llama_type": llama_type}
+        record = {"name": f"llama.cpp {llama_type}", "kind": "llama.cpp", "llama_type": llama_type,
+                  "kv_cache": "fp16"}  # (its default, f16)
         try:
             where = llama_tools()
             tools = LlamaTools(where) if where else None
@@ -360,10 +374,10 @@ class Run:
                 quantize_gguf(self.source, path, LLAMA_CPP_TYPES[llama_type], max(self.args.threads))
             record |= {"size_bytes": path.stat().st_size, "bits_per_weight": 8 * path.stat().st_size / self.params}
             if tools:
-                record = self.llama_bench(record, tools, path, path.stat().st_size)
+                record = self.llama_bench(record, tools, path, path.stat().st_size + self.kv("fp16"))
             else:
                 record = self.measure(record, lambda t: LlamaCpp(path, t, self.args.ctx, self.ckpt.tokenizer),
-                                      path.stat().st_size)
+                                      path.stat().st_size + self.kv("fp16"))
         except Exception as e:
             record["error"] = f"{type(e).__name__}: {e}"
             log(f"{record['name']} FAILED: {record['error']}")
@@ -510,10 +524,10 @@ def table(records: list[dict], threads: tuple[int, ...]) -> tuple[list[str], lis
              f"spread % {most}t", f"x torch fp32 {most}t", f"% bw rate {most}t", "% in kernels", "error"], rows)
 
 
-def kv_bytes(ckpt: Checkpoint, prompt: int, tokens: int) -> float:
-    """fp32 key and value cache bytes each decoded token reads, averaged over the decode."""
+def kv_bytes(ckpt: Checkpoint, prompt: int, tokens: int, fmt: KvFormat) -> float:
+    """Key and value cache bytes in format fmt that each decoded token reads, averaged over the decode."""
     c = ckpt.config
-    return 2 * c.layers * c.kv_heads * c.head_dim * 4 * (prompt + (tokens + 1) / 2)
+    return 2 * c.layers * c.kv_heads * fmt.row_bytes(c.head_dim) * (prompt + (tokens + 1) / 2)
 
 
 def plot(records: list[dict], most: int, path: Path) -> bool:
@@ -574,13 +588,15 @@ def run(args: argparse.Namespace) -> dict:
         log(n)
     gptq = 1 + 8 * ckpt.config.layers / 30  # GPTQ costs several RTN quantizations; weights only steer the estimate
     combos = {}  # (bits, group, method, resolved activations, outliers): "auto" may coincide with an explicit choice
-    for b, g, m, a, o in itertools.product(args.bits, args.group, args.method, args.activations, args.outliers):
+    for b, g, m, a, o, kv in itertools.product(args.bits, args.group, args.method, args.activations, args.outliers,
+                                               args.kv_cache):
         try:
-            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).resolved_activations, o), a)
+            combos.setdefault((b, g, m, QuantSpec(b, g, activations=a).resolved_activations, o, kv), a)
         except ValueError as e:  # e.g. int8 activations asked for 3-bit weights
             log(f"skipped: q{b} g{g or 'row'} {m} with {a} activations: {e}")
-    tasks = [Task(f"q{b} g{g or 'row'} {m} {act}" + (f" outliers {o}" if o else ""), gptq if m == "gptq" else 1,
-                  functools.partial(bench.qigen, b, g, m, a, o)) for (b, g, m, act, o), a in combos.items()]
+    tasks = [Task(f"q{b} g{g or 'row'} {m} {act}" + (f" outliers {o}" if o else "") + f" kv {kv}",
+                  (gptq if m == "gptq" else 1) if kv == args.kv_cache[0] else 0.5,
+                  functools.partial(bench.qigen, b, g, m, a, o, kv)) for (b, g, m, act, o, kv), a in combos.items()]
     tasks += [Task(n, 1, bench.qigen_fp32 if n == "qigen-fp32" else functools.partial(bench.torch, n.replace("-", " ")))
               for n in names if n != "llama.cpp"]
     if "llama.cpp" in names:
@@ -605,8 +621,10 @@ def run(args: argparse.Namespace) -> dict:
         "weights in memory).",
         f"Speed: a {len(bench.prompt)}-token prompt, then {args.tokens} greedy tokens, after a {WARMUP_TOKENS}-token "
         "warm-up; spread = (max - min) / median of the decode runs. % bw rate = median over the runs of decode tokens/s / "
-        "(read bandwidth / bytes read per token: packed weights plus "
-        f"{bench.kv / 1e6:.1f} MB of KV cache on average), with the read bandwidth probed right before and after each "
+        "(read bandwidth / bytes read per token: packed weights plus the KV cache, on average over the run "
+        f"{bench.kv(DEFAULT_KV_CACHE) / 1e6:.1f} MB in qigen's default {DEFAULT_KV_CACHE}, "
+        f"{bench.kv('fp32') / 1e6:.1f} MB in fp32 for torch and qigen fp32, {bench.kv('fp16') / 1e6:.1f} MB in f16 "
+        "for llama.cpp), with the read bandwidth probed right before and after each "
         "run, the higher of the two. % in kernels = "
         "share of qigen's decode time inside generated C (the decode step; numpy for qigen fp32).",
         "Baselines: the source checkpoint's weights (for the default GGUF its Q4_1 weights) dequantized and run by "
