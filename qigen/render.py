@@ -64,7 +64,8 @@ class StepParams:
     and its scratch layout in floats."""
     name: str
     prototype: str
-    greedy_prototype: str
+    decode_prototype: str
+    pick_prototype: str
     scratch_prototype: str
     layers: int
     hidden: int
@@ -117,13 +118,15 @@ class Source:
 
 
 def step_prototypes(name: str) -> tuple[str, ...]:
-    """The step; greedy decoding by steps in a loop; the scratch size (floats) they need for a context of `context`
-    tokens and `threads` threads; a prefill chunk's attention, its SwiGLU and its RMSNorm."""
+    """The step; decoding by steps in a loop; picking a token from logits; the scratch size (floats) the first two need
+    for a context of `context` tokens and `threads` threads; a prefill chunk's attention, its SwiGLU and its RMSNorm."""
     state = ("void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
              "float *logits, float *scratch, int threads")
     return (f"int {name}(const void *const *weights, const float *embedding, {state});",
-            f"int {name}_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
-            f"int stops, int *tokens, {state});",
+            f"int {name}_decode(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
+            f"int stops, float temperature, int top_k, float top_p, uint64_t *rng, int *tokens, {state});",
+            f"int {name}_pick(const float *logits, float temperature, int top_k, float top_p, uint64_t *rng, "
+            f"float *work);",
             f"size_t {name}_scratch(int context, int threads);",
             f"int {name}_prefill_attention(const float *qkv, int n, int layer, void *k_cache, void *v_cache, "
             f"const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads);",
@@ -164,10 +167,11 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
                                "xs": max(kernels[s].scratch for s in step.kernel_specs())})
     k_at, v_at = list(qkv.offsets(c).values())[1:]
     slot, per_layer = step.slots()
-    run, greedy, scratch, *_ = step_prototypes(step.name)
+    run, decode, pick, scratch, *_ = step_prototypes(step.name)
     kv, vw = KV_FORMATS[step.kv_cache], ISAS[step.isa].vector_width
     return StepParams(
-        name=step.name, prototype=run.rstrip(";"), greedy_prototype=greedy.rstrip(";"),
+        name=step.name, prototype=run.rstrip(";"), decode_prototype=decode.rstrip(";"),
+        pick_prototype=pick.rstrip(";"),
         scratch_prototype=scratch.rstrip(";"), layers=c.layers,
         hidden=c.hidden, heads=c.heads, kv_heads=c.kv_heads, group_heads=group_heads,
         head_dim=c.head_dim, intermediate=c.intermediate, vocab=c.vocab_size, rms_eps=f"{float(c.rms_eps)!r}f",
@@ -212,6 +216,6 @@ def render(kernels: list[tuple[KernelSpec, Schedule]], target: str, steps: tuple
                                                               header=ISAS[isa].header, vnni=ISAS[isa].vnni)
     prototypes = {p.name: p.prototype + ";" for p in ps}
     for step in steps:
-        names = ("", "_greedy", "_scratch", "_prefill_attention", "_prefill_swiglu", "_prefill_rmsnorm")
+        names = ("", "_decode", "_pick", "_scratch", "_prefill_attention", "_prefill_swiglu", "_prefill_rmsnorm")
         prototypes |= {step.name + suffix: p for suffix, p in zip(names, step_prototypes(step.name))}
     return Source(text=text, isa=isa, target=target, prototypes=prototypes)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -117,7 +117,8 @@ class Step:
     spec: StepSpec
     kernels: dict[KernelSpec, Kernel]  # the matrix-vector kernels it calls
     _fn: object
-    _greedy: object
+    _decode: object
+    _pick: object
     _scratch: object
     _attention: object
     _swiglu: object
@@ -153,9 +154,44 @@ class Step:
         return BoundStep(self, arrays, threads)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How decoding picks each token: the greedy one at temperature 0; else one drawn from softmax(logits /
+    temperature) restricted to the top_k most likely (0: every token), then to the fewest most likely whose
+    probability reaches top_p, as runtime.model.sample does in numpy. rng: the generator's state (one uint64, which
+    each draw advances), from a seed."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    rng: np.ndarray = field(default_factory=lambda: np.zeros(1, np.uint64))
+
+    def __post_init__(self):
+        number = lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+        rules = [(number(self.temperature) and 0 <= self.temperature < float("inf"),
+                  f"temperature={self.temperature!r}: a finite number, at least 0 (0: greedy)"),
+                 (isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool) and self.top_k >= 0,
+                  f"top_k={self.top_k!r}: at least 0 (0: no limit)"),
+                 (number(self.top_p) and 0 < self.top_p <= 1, f"top_p={self.top_p!r}: above 0, at most 1"),
+                 (isinstance(self.rng, np.ndarray) and self.rng.dtype == np.uint64 and self.rng.shape == (1,),
+                  "rng: the generator's state, a uint64 array of one")]
+        if broken := next((why for ok, why in rules if not ok), None):
+            raise ValueError(broken)
+
+    @classmethod
+    def seeded(cls, temperature: float, top_k: int, top_p: float, seed: int | None) -> Sampling:
+        return cls(temperature, top_k, top_p, np.random.default_rng(seed).integers(2 ** 64, size=1, dtype=np.uint64))
+
+    def arguments(self, ffi: cffi.FFI) -> tuple:
+        return (self.temperature, self.top_k, self.top_p,
+                ffi.cast("uint64_t *", ffi.from_buffer(self.rng, require_writable=True)))
+
+
+GREEDY = Sampling()
+
+
 class _State(NamedTuple):
     """The caches and rope tables a BoundStep last ran on, checked and cast: their context, scratch buffers by
-    thread count (each with its pointer), the logits buffer `greedy` writes, and pointers to k, v, cos, sin, logits."""
+    thread count (each with its pointer), the logits buffer `decode` writes, and pointers to k, v, cos, sin, logits."""
     arrays: tuple
     context: int
     scratch: dict
@@ -164,8 +200,8 @@ class _State(NamedTuple):
 
 
 class BoundStep:
-    """A decode step on its weights. Calling it runs one token; `greedy` runs many, each step's greedy token
-    feeding the next. Both write k and v at the positions they run; rope_cos and rope_sin hold every position's
+    """A decode step on its weights. Calling it runs one token; `decode` runs many, each step's token (greedy or
+    sampled) feeding the next. Both write k and v at the positions they run; rope_cos and rope_sin hold every position's
     angles, (context, head_dim / 2). The last caches, rope tables and embedding table are checked and cast once
     (each check costs Python time on every token otherwise, and a token's weight stream leaves Python cache-cold)."""
 
@@ -176,6 +212,7 @@ class BoundStep:
                                                     for a in arrays])
         self._state = _State((None,) * 4, 0, {}, np.empty(0, np.float32), [])
         self._embeddings: tuple = (None, None)
+        self._work: np.ndarray | None = None  # pick's
 
     def _threads(self, threads: int | None) -> int:
         threads = self.threads if threads is None else threads
@@ -260,10 +297,10 @@ class BoundStep:
                             threads)
         return out
 
-    def greedy(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
-               rope_sin, pos: int, threads: int | None = None) -> np.ndarray:
-        """Up to n greedy tokens after `token` at pos (embeddings: the table, (vocab, hidden)), ending early after a
-        token in stop (int32), which is kept: the tokens picked, int32."""
+    def decode(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
+               rope_sin, pos: int, threads: int | None = None, sampling: Sampling = GREEDY) -> np.ndarray:
+        """Up to n tokens after `token` at pos, each picked by `sampling` (embeddings: the table, (vocab, hidden)),
+        ending early after a token in stop (int32), which is kept: the tokens picked, int32."""
         s, ffi = self._step.spec, self._step._ffi
         if n < 1:
             raise ValueError(f"n={n}: at least one token")
@@ -277,10 +314,19 @@ class BoundStep:
             _floats(embeddings, (s.config.vocab_size, s.config.hidden), "embeddings")
             self._embeddings = embeddings, ffi.cast("const float *", ffi.from_buffer(embeddings))
         tokens = np.empty(n, np.int32)
-        done = self._step._greedy(self._pointers, self._embeddings[1], token, n, ffi.from_buffer("int[]", stop),
-                                  len(stop), ffi.from_buffer("int[]", tokens, require_writable=True), k, v, cos, sin,
-                                  pos, context, logits, scratch, threads)
+        done = self._step._decode(self._pointers, self._embeddings[1], token, n, ffi.from_buffer("int[]", stop),
+                                  len(stop), *sampling.arguments(ffi), ffi.from_buffer("int[]", tokens, require_writable=True),
+                                  k, v, cos, sin, pos, context, logits, scratch, threads)
         return tokens[:done]
+
+    def pick(self, logits: np.ndarray, sampling: Sampling) -> int:
+        """The token `sampling` picks from logits (vocab,), as `decode` does after each step."""
+        vocab = self._step.spec.config.vocab_size
+        _floats(logits, (vocab,), "logits")
+        if self._work is None:
+            self._work = np.empty(3 * vocab + 1024, np.float32)
+        return self._step._pick(self._step._ffi.from_buffer("float[]", logits), *sampling.arguments(self._step._ffi),
+                                self._cast(self._work))
 
 
 def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]],
@@ -308,7 +354,7 @@ def load(path, cdef: str, kernels: list[tuple[KernelSpec, Schedule]],
                                         for s, sch in kernels}
     gemv = {k.spec: k for k in loaded.values() if k.spec.kind == "gemv"}
     for step in steps:
-        loaded[step.name] = Step(step, {spec: gemv[spec] for spec in step.kernel_specs()}, getattr(lib, step.name), getattr(lib, step.name + "_greedy"),
+        loaded[step.name] = Step(step, {spec: gemv[spec] for spec in step.kernel_specs()}, getattr(lib, step.name), getattr(lib, step.name + "_decode"), getattr(lib, step.name + "_pick"),
                                  getattr(lib, step.name + "_scratch"), getattr(lib, step.name + "_prefill_attention"),
                                  getattr(lib, step.name + "_prefill_swiglu"), getattr(lib, step.name + "_prefill_rmsnorm"),
                                  ffi)

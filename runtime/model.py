@@ -19,7 +19,7 @@ from qigen.layout import PackedWeights, contiguous, huge_pages
 from qigen.quant import QuantizedWeights, dequantize, quantize
 from qigen.spec import KernelSpec, QuantSpec, StepSpec
 from runtime.checkpoint import Checkpoint
-from runtime.loader import Kernel, Step
+from runtime.loader import Kernel, Sampling, Step
 from runtime.tokenizer import Tokenizer
 
 PREFILL_BATCH = 64  # the design batch of prefill kernels (they take any n at run time)
@@ -207,14 +207,11 @@ def check_threads(threads: int | None) -> int:
 
 def check_generation(max_tokens: int, temperature: float, top_k: int, top_p: float, context: int | None) -> None:
     """The rules of generate()'s settings, one ValueError naming the first broken one (the CLI checks the same)."""
-    rules = [(_integer(max_tokens) and max_tokens >= 1, f"max_tokens={max_tokens!r}: at least 1"),
-             (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf"),
-              f"temperature={temperature!r}: a finite number, at least 0 (0: greedy)"),
-             (_integer(top_k) and top_k >= 0, f"top_k={top_k!r}: at least 0 (0: no limit)"),
-             (isinstance(top_p, (int, float)) and 0 < top_p <= 1, f"top_p={top_p!r}: above 0, at most 1"),
-             (context is None or (_integer(context) and context >= 2), f"context={context!r}: at least 2 tokens")]
-    if broken := next((why for ok, why in rules if not ok), None):
-        raise ValueError(broken)
+    if not (_integer(max_tokens) and max_tokens >= 1):
+        raise ValueError(f"max_tokens={max_tokens!r}: at least 1")
+    Sampling(temperature, top_k, top_p)
+    if not (context is None or (_integer(context) and context >= 2)):
+        raise ValueError(f"context={context!r}: at least 2 tokens")
 
 
 def kv_cache_format(name: str, config: LlamaConfig) -> KvFormat:
@@ -304,14 +301,14 @@ class Model:
         state.pos += 1
         return logits
 
-    def _greedy(self, token: int, state: RunState, n: int, stop: np.ndarray) -> list[int]:
-        """Up to n greedy tokens after `token`, through the generated step in one call (a loop in C), ending after
-        one in stop."""
+    def _decode(self, token: int, state: RunState, n: int, stop: np.ndarray, sampling: Sampling) -> list[int]:
+        """Up to n tokens after `token`, each picked by `sampling`, through the generated step in one call (a loop in
+        C), ending after one in stop."""
         threads, t0 = self.decode_threads.pick(), time.perf_counter()
         if self.decode_threads.probing:  # a quarter chunk: the other thread count may be several times slower
             n = max(1, n // 4)
-        tokens = self.step.greedy(self.w.embed, token, n, stop, state.k, state.v, state.cos, state.sin, state.pos,
-                                  threads)
+        tokens = self.step.decode(self.w.embed, token, n, stop, state.k, state.v, state.cos, state.sin, state.pos,
+                                  threads, sampling)
         self.decode_threads.record(threads, time.perf_counter() - t0, len(tokens))
         self.step_seconds += time.perf_counter() - t0
         state.pos += len(tokens)
@@ -384,19 +381,22 @@ class Model:
             raise ValueError(f"the prompt has {len(ids)} tokens, the context holds {context}: shorten it")
         stats = stats if stats is not None else Stats()
         state = self.new_state(min(context, len(ids) + max_tokens))
-        rng = np.random.default_rng(seed)
         stream = self.tokenizer.stream()
         t0 = time.perf_counter()
         logits = self.prefill(ids, state)
         stats.prompt_tokens, stats.prompt_s = len(ids), time.perf_counter() - t0
         t0, m0 = time.perf_counter(), self.matmul_seconds()
-        # greedy decoding with the generated step runs ahead: one call picks a chunk of tokens, sized to take about
-        # STREAM_SECONDS, and the loop streams them. After a 96 MB token, Python runs cache-cold: per token it cost
-        # 0.2-0.3 ms, 4-5% of a token of the default model at 2 threads
-        greedy = self.step is not None and temperature <= 0
-        stop = np.array(sorted(self.tokenizer.eos_ids), np.int32) if greedy else None
+        # decoding with the generated step runs ahead, greedy or sampled in C: one call picks a chunk of tokens,
+        # sized to take about STREAM_SECONDS, and the loop streams them. After a 96 MB token, Python runs cache-cold:
+        # per token it cost 0.2-0.3 ms, 4-5% of a token of the default model at 2 threads
+        if self.step is not None:
+            sampling = Sampling.seeded(temperature, top_k, top_p, seed)
+            token = self.step.pick(logits, sampling)
+        else:
+            rng = np.random.default_rng(seed)
+            token = sample(logits, temperature, top_k, top_p, rng)
+        stop = np.array(sorted(self.tokenizer.eos_ids), np.int32)
         ahead, chunk = deque(), 1
-        token = sample(logits, temperature, top_k, top_p, rng)
         while True:
             if token in self.tokenizer.eos_ids:
                 stats.stop = "end of sequence"
@@ -411,13 +411,13 @@ class Model:
             if not ahead and state.pos >= state.k.shape[2]:
                 stats.stop = f"context length ({context} tokens)"
                 break
-            if not greedy:
+            if self.step is None:
                 token = sample(self.forward([token], state), temperature, top_k, top_p, rng)
                 continue
             if not ahead:
                 t1 = time.perf_counter()
                 n = min(chunk, max_tokens - stats.generated_tokens, state.k.shape[2] - state.pos)
-                ahead.extend(self._greedy(token, state, n, stop))
+                ahead.extend(self._decode(token, state, n, stop, sampling))
                 chunk = max(1, min(MAX_CHUNK, int(STREAM_SECONDS * len(ahead) / (time.perf_counter() - t1))))
             token = ahead.popleft()
         stats.decode_s, stats.decode_matmul_s = time.perf_counter() - t0, self.matmul_seconds() - m0
@@ -455,10 +455,9 @@ class Model:
         return float(np.exp(nll / scored)), scored
 
 
-def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; else softmax(logits / T) restricted to the top k and the top-p mass."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
+def distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens sampling may pick at temperature > 0 and their probabilities: softmax(logits / T) restricted to the
+    top k, then to the fewest most likely whose probability reaches top_p."""
     z = logits.astype(np.float64) / temperature
     order = np.argsort(-z)
     if top_k > 0:
@@ -466,5 +465,12 @@ def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng
     p = np.exp(z[order] - z[order[0]])
     p /= p.sum()
     keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-    p = p[:keep] / p[:keep].sum()
-    return int(order[rng.choice(keep, p=p)])
+    return order[:keep], p[:keep] / p[:keep].sum()
+
+
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else a draw from distribution()."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    tokens, p = distribution(logits, temperature, top_k, top_p)
+    return int(tokens[rng.choice(len(tokens), p=p)])

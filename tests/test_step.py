@@ -18,8 +18,8 @@ from qigen.quant import dequantize, quantize
 from qigen.render import render
 from qigen.spec import ISAS, QuantSpec, Schedule, SpecError, StepSpec
 from runtime.compiler import compile
-from runtime.loader import load
-from runtime.model import Layer, Model, Weights, rms_norm
+from runtime.loader import Sampling, load
+from runtime.model import Layer, Model, Weights, distribution, rms_norm
 from test_kernels import native, runnable, skip_reason
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -266,23 +266,75 @@ def test_greedy_loop_matches_single_steps(tiny):
         token = run(reference.embed[token], state.k, state.v, state.cos, state.sin, pos)[1]
         want.append(token)
     none = np.array([], np.int32)
-    got = run.greedy(reference.embed, 7, 8, none, loop.k, loop.v, loop.cos, loop.sin, 3, threads=2)
+    got = run.decode(reference.embed, 7, 8, none, loop.k, loop.v, loop.cos, loop.sin, 3, threads=2)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(loop.k, state.k)
     np.testing.assert_array_equal(loop.v, state.v)
     stop = np.array([want[4], 10 ** 6], np.int32)  # the fifth token ends it (if it came no earlier)
-    np.testing.assert_array_equal(run.greedy(reference.embed, 7, 8, stop, loop.k, loop.v, loop.cos, loop.sin, 3),
+    np.testing.assert_array_equal(run.decode(reference.embed, 7, 8, stop, loop.k, loop.v, loop.cos, loop.sin, 3),
                                   want[:want.index(want[4]) + 1])
     with pytest.raises(ValueError, match="position 12 is outside the context of 12"):
-        run.greedy(reference.embed, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(reference.embed, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="token 300 is outside the vocabulary"):
-        run.greedy(reference.embed, step.config.vocab_size, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(reference.embed, step.config.vocab_size, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="embeddings"):
-        run.greedy(reference.embed[:-1], 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(reference.embed[:-1], 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="stop"):
-        run.greedy(reference.embed, 7, 1, none.astype(np.int64), loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(reference.embed, 7, 1, none.astype(np.int64), loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="n=0"):
-        run.greedy(reference.embed, 7, 0, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(reference.embed, 7, 0, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+
+
+SAMPLINGS = [(0.8, 0, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9), (1.3, 50, 0.8), (0.5, 5, 0.999)]  # temperature, k, p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SAMPLINGS)
+def test_sampling_in_c_matches_numpy(tiny, temperature, top_k, top_p):
+    """The step's sampler draws each token as often as numpy's distribution says (within 5 standard deviations per
+    token, over 20,000 draws) and never one outside it; a seed repeats its draws."""
+    step, kernel, quantized, final, head, _ = tiny
+    run = bound(kernel, quantized, final, head)
+    logits = (2 * np.random.default_rng(1).standard_normal(step.config.vocab_size)).astype(np.float32)
+    tokens, p = distribution(logits, temperature, top_k, top_p)
+    sampling, draws = Sampling.seeded(temperature, top_k, top_p, seed=3), 20000
+    counts = np.bincount([run.pick(logits, sampling) for _ in range(draws)], minlength=step.config.vocab_size)
+    assert counts.sum() == counts[tokens].sum(), "a token outside the distribution was drawn"
+    sigma = np.sqrt(draws * p * (1 - p)) + 1
+    assert np.all(np.abs(counts[tokens] - draws * p) < 5 * sigma)
+    a, b = (Sampling.seeded(temperature, top_k, top_p, seed=4) for _ in range(2))
+    assert [run.pick(logits, a) for _ in range(50)] == [run.pick(logits, b) for _ in range(50)]
+    assert run.pick(logits, Sampling()) == int(np.argmax(logits))
+    odd = logits.copy()
+    odd[:5], odd[5:10] = np.nan, -np.inf  # never drawn; no finite logit: the first token
+    assert min(run.pick(odd, sampling) for _ in range(200)) >= 10
+    assert run.pick(np.full_like(logits, -np.inf), sampling) == 0
+
+
+def test_sampled_loop_matches_single_steps(tiny):
+    """Sampled decoding in C picks from each step's logits with the generator's state carried across calls: one call
+    of 8 tokens gives what the steps and picks do one by one, and what calls of 3 and 5 do."""
+    step, kernel, quantized, final, head, reference = tiny
+    run = bound(kernel, quantized, final, head)
+    ref = Model(reference, None)
+    states = [ref.new_state(12) for _ in range(3)]
+    none = np.array([], np.int32)
+    one = Sampling.seeded(0.9, 30, 0.95, seed=5)
+    token, want = 7, []
+    for pos in range(3, 11):
+        token = run.pick(run(reference.embed[token], states[0].k, states[0].v, states[0].cos, states[0].sin, pos)[0],
+                         one)
+        want.append(token)
+    s = states[1]
+    got = run.decode(reference.embed, 7, 8, none, s.k, s.v, s.cos, s.sin, 3, sampling=Sampling.seeded(0.9, 30, 0.95, 5))
+    np.testing.assert_array_equal(got, want)
+    s, chunks = states[2], Sampling.seeded(0.9, 30, 0.95, seed=5)
+    head3 = run.decode(reference.embed, 7, 3, none, s.k, s.v, s.cos, s.sin, 3, sampling=chunks)
+    rest = run.decode(reference.embed, int(head3[-1]), 5, none, s.k, s.v, s.cos, s.sin, 6, sampling=chunks)
+    np.testing.assert_array_equal(np.concatenate([head3, rest]), want)
+    with pytest.raises(ValueError, match="top_p=0"):
+        Sampling(0.9, 30, 0.0)
+    with pytest.raises(ValueError, match="rng"):
+        Sampling(0.9, 30, 0.5, np.zeros(1, np.int64))
 
 
 def test_step_spec_names_the_broken_rule():

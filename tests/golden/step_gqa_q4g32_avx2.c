@@ -717,6 +717,190 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     memcpy(x, row, sizeof(float) * 24);
 }
 
+/* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2's next token from its logits: greedy, or sampled as runtime.model.sample does in numpy. */
+
+/* the first largest logit (never a NaN one): it costs a tenth of numpy's argmax on logits that both cores just
+   wrote. Every block's largest (vector code), then the first block that holds the largest of all, then the first
+   such logit in that block */
+static int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_argmax(const float *logits)
+{
+    float best = -INFINITY, largest[5];
+    for (int b = 0; b < 5; b++) {
+        const int i1 = b * 64 + 64 < 300 ? b * 64 + 64 : 300;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int i = b * 64; i < i1; i++)
+            m = logits[i] > m ? logits[i] : m;
+        largest[b] = m;
+        best = m > best ? m : best;
+    }
+    int token = 0;
+    while (token < 4 && largest[token] != best)
+        token++;
+    token *= 64;
+    while (token < 299 && logits[token] != best)
+        token++;
+    return token;
+}
+
+/* a uniform draw from [0, 1): splitmix64, whose whole state is one 64-bit word */
+static double step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_uniform(uint64_t *rng)
+{
+    uint64_t z = (*rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (double)((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+}
+
+struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate {
+    float w;  /* e^((logit - largest) / temperature) */
+    int token;
+};
+
+/* a comes before b: more likely, or as likely and a lower token */
+static int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_before(const struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *a, const struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *b)
+{
+    return a->w > b->w || (a->w == b->w && a->token < b->token);
+}
+
+static int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_order(const void *a, const void *b)
+{
+    return step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_before(b, a) - step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_before(a, b);
+}
+
+/* the bits of a weight in [0, 1] from `shift` up, at most 1023: in the order of the weights (a float's exponent and
+   mantissa), for those that agree in the bits above */
+static int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key(float w, int shift)
+{
+    const union { float f; uint32_t u; } bits = { .f = w };
+    return (int)((bits.u >> shift) & 1023);
+}
+
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_swap(struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *c, int i, int j)
+{
+    const struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate t = c[i];
+    c[i] = c[j];
+    c[j] = t;
+}
+
+/* restore the heap below `at`: every candidate comes after (or is) each of its children, the root after all */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_sift(struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *h, int n, int at)
+{
+    for (;;) {
+        int last = at;
+        for (int child = 2 * at + 1; child <= 2 * at + 2 && child < n; child++)
+            if (step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_before(&h[last], &h[child]))
+                last = child;
+        if (last == at)
+            return;
+        step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_swap(h, at, last);
+        at = last;
+    }
+}
+
+/* The next token: the greedy one at temperature 0; else one drawn from softmax(logits / temperature) restricted to
+   the top_k most likely (0: every token), then to the fewest most likely whose probability reaches top_p (1: all
+   of them). rng: the generator's state, one draw per token. work: 1924 floats. */
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick(const float *logits, float temperature, int top_k, float top_p, uint64_t *rng, float *work)
+{
+    const int best = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_argmax(logits);
+    const float top = logits[best], inv = 1.0f / temperature;
+    if (!(temperature > 0.0f && isfinite(top) && isfinite(inv)))  /* (an infinite logit, or no finite one) */
+        return best;
+    /* the candidates c[0..n), each weighing e^((logit - top) / temperature): those in for certain in c[0..in_n),
+       weighing `in` together, then the undecided (most likely first, once sorted) */
+    struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *c = (struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate *)work;
+    int n = 0, in_n = 0;
+    double in = 0.0, total = 0.0;
+    if (top_k > 0 && top_k < 300) {  /* the top k logits in a heap whose root is the least of them */
+        for (; n < top_k; n++)
+            c[n] = (struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate){ logits[n] == logits[n] ? logits[n] : -INFINITY, n };
+        for (int at = n / 2 - 1; at >= 0; at--)
+            step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_sift(c, n, at);
+        for (int i = n; i < 300; i++) {
+            const struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate x = { logits[i], i };
+            if (logits[i] >= c[0].w && step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_before(&x, &c[0])) {  /* (never a NaN one) */
+                c[0] = x;
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_sift(c, n, 0);
+            }
+        }
+        for (int j = 0; j < n; j++) {
+            c[j].w = qigen_exp((c[j].w - top) * inv);
+            total += c[j].w;
+        }
+    } else {
+        /* w apart from logits by half a page modulo 4 KiB: a store to w[i] would otherwise look to the CPU as if it
+           could feed the load of logits[i] after it (4K aliasing), which made this pass 1.6x slower */
+        float *w = work + 600 + (((uintptr_t)logits - (uintptr_t)(work + 600) + 2048) & 4095) / 4;
+        float block[5];  /* the weights' sums, every 64 */
+        for (int b = 0; b < 5; b++) {
+            const int i1 = b * 64 + 64 < 300 ? b * 64 + 64 : 300;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = b * 64; i < i1; i++) {
+                const float x = (logits[i] - top) * inv;
+                w[i] = x == x ? qigen_exp(x) : 0.0f;  /* in [0, 1], 1 at best (a NaN logit: never drawn) */
+                sum += w[i];
+            }
+            block[b] = sum;
+            total += sum;
+        }
+        if (!(top_p < 1.0f)) {  /* every token, in any order: the block, then the token */
+            const double r = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_uniform(rng) * total;
+            double sum = 0.0;
+            int b = 0;
+            while (b < 4 && sum + block[b] <= r)
+                sum += block[b++];
+            int last = best;
+            for (int i = b * 64; i < (b * 64 + 64 < 300 ? b * 64 + 64 : 300); i++) {
+                if (w[i] > 0.0f)
+                    last = i;
+                if ((sum += w[i]) > r)
+                    return i;
+            }
+            return last;  /* (rounding) */
+        }
+        /* no token below (1 - top_p) / vocab of the total is needed: all of those weigh less than the top_p mass
+           leaves out, so the most likely of the rest reach top_p first */
+        const double least = (1.0 - top_p) / 300 * total;
+        for (int i = 0; i < 300; i++) {  /* (without a branch, which mispredicts as often as not) */
+            c[n] = (struct step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_candidate){ w[i], i };
+            n += w[i] >= least;
+        }
+        /* then by the weights' bits, 10 at a time from the top: of the undecided, those whose bits rank above the
+           value at which the mass from the top reaches top_p are in for certain, those below out, those with its
+           bits stay undecided */
+        for (int shift = 20; shift >= 0 && n - in_n > 64; shift -= 10) {
+            double mass[1024] = { 0.0 };
+            for (int j = in_n; j < n; j++)
+                mass[step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key(c[j].w, shift)] += c[j].w;
+            int b = 1023;
+            while (b > 0 && in + mass[b] < top_p * total)
+                in += mass[b--];
+            int m = in_n;
+            for (int j = in_n; j < n; j++)
+                if (step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key(c[j].w, shift) > b)
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_swap(c, m++, j);
+            in_n = m;
+            for (int j = m; j < n; j++)
+                if (step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key(c[j].w, shift) == b)
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_swap(c, m++, j);
+            n = m;
+        }
+    }
+    qsort(c + in_n, n - in_n, sizeof *c, step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_order);
+    int keep = in_n;
+    double kept = in;
+    while (keep < n && (keep == 0 || kept < top_p * total))
+        kept += c[keep++].w;
+    const double r = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_uniform(rng) * kept;
+    double sum = 0.0;
+    for (int j = 0; j < keep; j++)
+        if ((sum += c[j].w) > r)
+            return c[j].token;
+    return c[keep - 1].token;  /* (rounding) */
+}
+
 /* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2: one decode step of a 2-layer LLaMA-style model (hidden 72, 3 query heads
    sharing 1 key/value heads of 24, feed-forward 100, vocabulary 300):
    the token at `pos`, from its embedding to its logits, in one parallel region.
@@ -726,8 +910,9 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
    fp32, as computed); rope_cos, rope_sin: (context, head_dim / 2). Returns the greedy next token. */
 size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_scratch(int context, int threads)
 {
-    return 416 + ((size_t)3 * context + 15) / 16 * 16
-           + (size_t)threads * (96 + 384);
+    const size_t floats = 416 + ((size_t)3 * context + 15) / 16 * 16
+                          + (size_t)threads * (96 + 384);
+    return floats > 1924 ? floats : 1924;  /* (sampling's work, after a step) */
 }
 
 static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(const float *x, const float *w, float *out)
@@ -988,36 +1173,20 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
         gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_prep(h, (const int32_t *)F[4], xs);
         gemv_a8_q8_g32_sym_fp16_avx2_m300k72_r1a1n1kb0_tiles((const uint32_t *)F[1], F[2], F[3], (const int32_t *)F[4], (const uint16_t *)F[5], xs, NULL, logits);
     }
-    /* the greedy next token, the first largest logit (never a NaN one): here it costs a tenth of numpy's argmax
-       on logits that both cores just wrote. Every block's largest (vector code), then the first block that holds
-       the largest of all, then the first such logit in that block */
-    float best = -INFINITY, largest[5];
-    for (int b = 0; b < 5; b++) {
-        const int i1 = b * 64 + 64 < 300 ? b * 64 + 64 : 300;
-        float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-        for (int i = b * 64; i < i1; i++)
-            m = logits[i] > m ? logits[i] : m;
-        largest[b] = m;
-        best = m > best ? m : best;
-    }
-    int token = 0;
-    while (token < 4 && largest[token] != best)
-        token++;
-    token *= 64;
-    while (token < 299 && logits[token] != best)
-        token++;
-    return token;
+    return step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_argmax(logits);
 }
 
-/* Greedy decoding: steps in a loop, each feeding the token it picks to the next, from `token` at pos. embeddings:
+/* Decoding: steps in a loop, each feeding the token it picks to the next, from `token` at pos; picked as
+   step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick does (greedy at temperature 0), its work in the scratch that the step is done with. embeddings:
    the table (vocab, hidden). The picked tokens go to tokens[0..n); a token among stop[0..stops) is kept and ends
    the loop. Returns how many tokens it picked; the caches then hold pos..pos + that - 1. */
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_greedy(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, int *tokens, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_decode(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, float temperature, int top_k, float top_p, uint64_t *rng, int *tokens, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
     for (int i = 0; i < n; i++) {
         token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(weights, embeddings + (size_t)token * 72, k_cache, v_cache, rope_cos, rope_sin,
                              pos + i, context, logits, scratch, threads);
+        if (temperature > 0.0f)
+            token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick(logits, temperature, top_k, top_p, rng, scratch);
         tokens[i] = token;
         for (int j = 0; j < stops; j++)
             if (token == stop[j])
