@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from perfmodel.cost import kv_bytes
 from qigen.bench import probe
 from qigen.bench.model import LlamaTools, llama_tools
 from qigen.kvcache import FORMATS
@@ -39,9 +40,9 @@ def qigen_speed(model, depth: int, threads: int, sampling: Sampling = GREEDY) ->
     """Tokens/s of TOKENS tokens (greedy, or picked by `sampling`) decoded at position depth."""
     state = model.new_state(depth + TOKENS + 1)
     rng = np.random.default_rng(depth)
-    for cache in (state.k, state.v):  # layer by layer: a whole 8k fp32 cache of random floats is 1.6 GB at once
+    for cache, keys in ((state.k, True), (state.v, False)):  # layer by layer: 8k fp32 random floats are 1.6 GB at once
         for layer in cache:
-            layer[:] = model.kv.encode(rng.standard_normal((*layer.shape[:2], model.config.head_dim), np.float32))
+            model.kv.write(layer, 0, rng.standard_normal((layer.shape[0], depth, model.config.head_dim), np.float32), keys)
     stop = np.array([], np.int32)
     model.step.decode(model.w.embed, 1, 2, stop, state.k, state.v, state.cos, state.sin, depth, threads, sampling)  # warm
     t0 = time.perf_counter()
@@ -50,11 +51,10 @@ def qigen_speed(model, depth: int, threads: int, sampling: Sampling = GREEDY) ->
     return n / (time.perf_counter() - t0)
 
 
-def bytes_per_token(model, depth: int) -> int:
-    """What one decoded token at position depth reads: the packed weights, then every cached key and value row."""
-    c = model.config
+def bytes_per_token(model, depth: int) -> float:
+    """What one decoded token at position depth reads: the packed weights, then its share of the KV cache."""
     weights = sum(lin.packed.nbytes for layer in model.linears for lin in layer.values()) + model.head.packed.nbytes
-    return weights + 2 * c.layers * c.kv_heads * model.kv.row_bytes(c.head_dim) * (depth + (TOKENS + 1) // 2)
+    return weights + kv_bytes(model.config, model.kv, depth, TOKENS)
 
 
 def llama_speed(tools: LlamaTools, gguf: Path, depth: int, threads: int, cache: str) -> float:

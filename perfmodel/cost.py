@@ -6,7 +6,8 @@ and, for matrix-matrix kernels on a host whose compute peaks were measured (`qig
 term at least the operations over the peak of the family's arithmetic (fp32 multiply-adds or int8 dot products)
 at that thread count.
 
-Bytes are the packed weights, scales, offsets, activations and outputs. Cycles come from the
+Bytes are the packed weights, scales, offsets, activations and outputs; a decode step also reads its KV cache
+(kv_bytes), which at long contexts outweighs the weights. Cycles come from the
 instructions the templates issue per chunk of codes, against an issue rate per ISA, or against
 the FMA latency when too few independent partial sums are in flight: each family's record
 counts its own (qigen.families). The bandwidth is the host's measured one (Host.bandwidth).
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfmodel.host import Host
+from qigen.arch import LlamaConfig
+from qigen.kvcache import KvFormat
 from qigen.layout import layout
 from qigen.spec import KernelSpec, Schedule
 
@@ -83,3 +86,11 @@ def predict(spec: KernelSpec, schedule: Schedule, host: Host, threads: int | Non
         compute = max(compute, 2.0 * spec.rows * spec.cols * n / top)
     memory = nbytes / bw
     return Prediction(max(memory, compute) + CALL_OVERHEAD, memory, compute, nbytes, bw, bool(host.bandwidth))
+
+
+def kv_bytes(config: LlamaConfig, kv: KvFormat, first: int, tokens: int) -> float:
+    """Bytes of the key and value caches in format kv that a decoded token reads (every layer and key/value head), on
+    average over `tokens` tokens decoded at positions first.. (the token at pos attends to positions 0..pos)."""
+    c = config
+    per_head = np.mean([kv.bytes_read(pos + 1, c.head_dim) for pos in range(first, first + tokens)])
+    return float(c.layers * c.kv_heads * per_head)

@@ -1,12 +1,20 @@
-"""KV-cache formats: how one cached key or value row (head_dim values of one position and key/value head) is
-stored, as one record each, and the numpy rule that writes and reads it. The generated steps (templates/kvcache.c.j2)
-follow the same rule bit for bit, so the numpy forward pass is their reference.
+"""KV-cache formats: how the cached keys and values of one layer and key/value head are stored, as one record each, and
+the numpy rule that writes and reads them. The generated steps (templates/kvcache.c.j2) follow the same rule bit for
+bit, so the numpy forward pass is their reference.
 
-A quantized row holds its blocks' fp16 parameters first, then the codes:
+Values, and keys unless the format takes them by channel, are rows: one per position of head_dim values. A
+quantized row holds its blocks' fp16 parameters first, then the codes:
 - q8: per block of 32 values a scale s (s = amax / 127) and int8 codes c: value = s·c.
 - q4: per block a scale and a minimum m (s = (max - m) / 15) and 4-bit codes, two a byte (byte j of a block holds
   value j in its low nibble and value j + 16 in its high one): value = m + s·c.
-Parameters are rounded to fp16 before the codes are chosen against them."""
+Parameters are rounded to fp16 before the codes are chosen against them.
+
+q4 takes keys by channel, as KIVI does (a few channels of the keys are large at every position, so a row's block
+spends its 16 levels on them): per block of 32 positions, each channel has its own scale and minimum over those
+positions (head_dim fp16 scales, then head_dim minimums), then the 32 positions' codes, a row each with the nibble
+order above. The keys of the block not yet full wait in fp32 in the head's tail (32 rows after its blocks) and are
+quantized when its last position is written. Measured on the default model (ctx 2048, fp32 weights, numpy): keys by
+row +7.7% / +10.3% perplexity over the fp32 cache on GPL-3 / GFDL-1.3, by channel +2.3% / +2.9%."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,6 +31,7 @@ class KvFormat:
     code_bits: int  # 32 (fp32), 16 (fp16), 8 or 4 (integer codes in blocks)
     params: int  # fp16 parameters per block: 0 (floating point), 1 (scale), 2 (scale, minimum)
     about: str
+    keys_by_channel: bool = False  # keys in blocks of BLOCK positions, a scale and minimum per channel, not in rows
 
     @property
     def blocked(self) -> bool:
@@ -39,20 +48,62 @@ class KvFormat:
         return 2 * self.params * (head_dim // BLOCK)
 
     def row_bytes(self, head_dim: int) -> int:
-        """Bytes per cached row of head_dim values."""
+        """Bytes per cached row of head_dim values (a key block by channel takes BLOCK rows' worth)."""
         return self.param_bytes(head_dim) + head_dim * self.code_bits // 8
 
     def bits_per_value(self, head_dim: int) -> float:
         return 8 * self.row_bytes(head_dim) / head_dim
 
-    def row_shape(self, head_dim: int) -> tuple[np.dtype, int]:
-        """The dtype and last dimension of a cache array: fp32 caches stay float32 (…, head_dim), the others are
-        bytes (…, row_bytes)."""
-        return (np.dtype(np.float32), head_dim) if self.code_bits == 32 else (np.dtype(np.uint8),
-                                                                               self.row_bytes(head_dim))
+    def tail_bytes(self, head_dim: int) -> int:
+        """Bytes after a head's key blocks by channel: the open block's keys in fp32."""
+        return 4 * BLOCK * head_dim if self.keys_by_channel else 0
+
+    def cache_shape(self, context: int, head_dim: int, keys: bool) -> tuple[np.dtype, tuple[int, ...]]:
+        """The dtype and trailing shape of one layer's and key/value head's cache of `context` positions: fp32 rows
+        (context, head_dim); rows of bytes (context, row_bytes); keys by channel as bytes, their blocks then their
+        tail."""
+        if keys and self.keys_by_channel:
+            return np.dtype(np.uint8), (-(-context // BLOCK) * BLOCK * self.row_bytes(head_dim)
+                                        + self.tail_bytes(head_dim),)
+        if self.code_bits == 32:
+            return np.dtype(np.float32), (context, head_dim)
+        return np.dtype(np.uint8), (context, self.row_bytes(head_dim))
+
+    def bytes_read(self, positions: int, head_dim: int) -> int:
+        """Bytes that attention over `positions` positions reads from one layer's and key/value head's key and value
+        caches (keys by channel: the open block's from the tail, in fp32)."""
+        keys = positions // BLOCK * BLOCK if self.keys_by_channel else positions
+        return (keys + positions) * self.row_bytes(head_dim) + (positions - keys) * 4 * head_dim
+
+    def write(self, cache: np.ndarray, pos: int, x: np.ndarray, keys: bool) -> None:
+        """Positions pos.. of x (kv_heads, n, head_dim) float32 into one layer's cache (kv_heads, *cache_shape)."""
+        if not (keys and self.keys_by_channel):
+            cache[:, pos:pos + x.shape[1]] = self.encode(x)
+            return
+        hd, rows = x.shape[-1], BLOCK * self.row_bytes(x.shape[-1])
+        tail = cache[:, cache.shape[1] - self.tail_bytes(hd):].view(np.float32).reshape(-1, BLOCK, hd)
+        for t in range(pos, pos + x.shape[1]):
+            tail[:, t % BLOCK] = x[:, t - pos]
+            if t % BLOCK == BLOCK - 1:  # the block is full: quantized by channel
+                b = t // BLOCK
+                cache[:, b * rows:(b + 1) * rows] = _by_channel(tail)
+
+    def read(self, cache: np.ndarray, end: int, head_dim: int, keys: bool) -> np.ndarray:
+        """Positions 0..end - 1 of one layer's cache as float32 (kv_heads, end, head_dim)."""
+        if not (keys and self.keys_by_channel):
+            return self.decode(cache[:, :end], head_dim)
+        full, rows = end // BLOCK, BLOCK * self.row_bytes(head_dim)
+        blocks = cache[:, :full * rows].reshape(cache.shape[0], full, rows)
+        at = 4 * head_dim  # the scales, then the minimums
+        params = np.ascontiguousarray(blocks[..., :at]).view(np.float16).astype(np.float32)
+        s, m = params[..., None, :head_dim], params[..., None, head_dim:]
+        codes = _unnibble(blocks[..., at:].reshape(*blocks.shape[:2], BLOCK, head_dim // BLOCK, BLOCK // 2))
+        codes = codes.reshape(*blocks.shape[:2], BLOCK, head_dim)
+        tail = cache[:, cache.shape[1] - self.tail_bytes(head_dim):].view(np.float32).reshape(-1, BLOCK, head_dim)
+        return np.concatenate([(m + s * codes).reshape(cache.shape[0], -1, head_dim), tail[:, :end % BLOCK]], 1)
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        """Rows x (…, head_dim) float32 as cache rows (row_shape)."""
+        """Rows x (…, head_dim) float32 as cache rows (the last dimension of cache_shape)."""
         x = np.asarray(x, np.float32)
         if self.code_bits == 32:
             return x
@@ -65,10 +116,8 @@ class KvFormat:
             codes = np.clip(np.rint(xb * _inverse(s)[..., None]), -127, 127).astype(np.int8).view(np.uint8)
             params = s
         else:
-            m = xb.min(-1).astype(np.float16)
-            s = np.minimum((xb.max(-1) - m.astype(np.float32)) / np.float32(15), np.float32(HALF_MAX)).astype(np.float16)
-            c = np.clip(np.rint((xb - m.astype(np.float32)[..., None]) * _inverse(s)[..., None]), 0, 15).astype(np.uint8)
-            codes = c[..., :BLOCK // 2] | (c[..., BLOCK // 2:] << 4)
+            s, m, c = _q4(xb, -1)
+            codes = _nibbles(c)
             params = np.stack([s, m], -1)
         lead = x.shape[:-1]
         return np.concatenate([params.reshape(*lead, -1).view(np.uint8), codes.reshape(*lead, -1)], -1)
@@ -86,9 +135,27 @@ class KvFormat:
         if self.params == 1:
             x = params[..., :1] * codes.view(np.int8).astype(np.float32)
         else:
-            c = np.concatenate([codes & 15, codes >> 4], -1).astype(np.float32)
-            x = params[..., 1:] + params[..., :1] * c
+            x = params[..., 1:] + params[..., :1] * _unnibble(codes)
         return x.reshape(*lead, head_dim)
+
+
+def _q4(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scales and minimums (fp16) over `axis` of x, and the 4-bit codes against them."""
+    m = x.min(axis).astype(np.float16)
+    mf = np.expand_dims(m.astype(np.float32), axis)
+    s = np.minimum((x.max(axis) - m.astype(np.float32)) / np.float32(15), np.float32(HALF_MAX)).astype(np.float16)
+    c = np.clip(np.rint((x - mf) * np.expand_dims(_inverse(s), axis)), 0, 15).astype(np.uint8)
+    return s, m, c
+
+
+def _nibbles(c: np.ndarray) -> np.ndarray:
+    """4-bit codes (…, BLOCK) two a byte: value j low, value j + 16 high."""
+    return c[..., :BLOCK // 2] | (c[..., BLOCK // 2:] << 4)
+
+
+def _unnibble(codes: np.ndarray) -> np.ndarray:
+    """The inverse of _nibbles, as float32."""
+    return np.concatenate([codes & 15, codes >> 4], -1).astype(np.float32)
 
 
 def _inverse(s: np.ndarray) -> np.ndarray:
@@ -97,11 +164,20 @@ def _inverse(s: np.ndarray) -> np.ndarray:
         return np.where(sf > 0, np.float32(1) / sf, np.float32(0))
 
 
+def _by_channel(keys: np.ndarray) -> np.ndarray:
+    """A full block of keys (kv_heads, BLOCK positions, head_dim) quantized by channel: the scales, the minimums,
+    then each position's row of codes: (kv_heads, bytes)."""
+    s, m, c = _q4(keys, 1)
+    codes = _nibbles(c.reshape(*c.shape[:2], -1, BLOCK)).reshape(keys.shape[0], -1)
+    return np.concatenate([s.view(np.uint8), m.view(np.uint8), codes], -1)
+
+
 FORMATS = {f.name: f for f in (
     KvFormat("fp32", 32, 0, "fp32, as computed"),
     KvFormat("fp16", 16, 0, "IEEE half"),
     KvFormat("q8", 8, 1, "int8, an fp16 scale per 32 values (8.5 bits)"),
-    KvFormat("q4", 4, 2, "4-bit, an fp16 scale and minimum per 32 values (5 bits)"),
+    KvFormat("q4", 4, 2, "4-bit, an fp16 scale and minimum per 32 values of a value row and per channel of 32 "
+             "key positions (5 bits)", keys_by_channel=True),
 )}
 
 

@@ -229,10 +229,10 @@ class BoundStep:
         s, ffi = self._step.spec, self._step._ffi
         arrays = (k_cache, v_cache, rope_cos, rope_sin)
         if not all(a is b for a, b in zip(arrays, self._state.arrays)):
-            context = k_cache.shape[2] if isinstance(k_cache, np.ndarray) and k_cache.ndim == 4 else 0
-            dtype, row = KV_FORMATS[s.kv_cache].row_shape(s.config.head_dim)
-            for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-                _floats(c, (s.config.layers, s.config.kv_heads, context, row), f"{name} ({s.kv_cache})", dtype)
+            context = v_cache.shape[2] if isinstance(v_cache, np.ndarray) and v_cache.ndim == 4 else 0
+            for name, c, keys in (("k_cache", k_cache, True), ("v_cache", v_cache, False)):
+                dtype, rest = KV_FORMATS[s.kv_cache].cache_shape(context, s.config.head_dim, keys)
+                _floats(c, (s.config.layers, s.config.kv_heads, *rest), f"{name} ({s.kv_cache})", dtype)
             for name, r in (("rope_cos", rope_cos), ("rope_sin", rope_sin)):
                 _floats(r, (context, s.config.head_dim // 2), name)
             logits = np.empty(s.config.vocab_size, np.float32)

@@ -166,11 +166,15 @@ class ThreadChoice:
 
 @dataclass
 class RunState:
-    k: np.ndarray  # (layers, kv_heads, context, row) key cache: rows in the model's KV format (qigen.kvcache)
+    k: np.ndarray  # (layers, kv_heads, …) key cache in the model's KV format (qigen.kvcache: KvFormat.cache_shape)
     v: np.ndarray  # (layers, kv_heads, context, row) value cache
     cos: np.ndarray  # (context, head_dim/2) rotary angles' cosines per position
     sin: np.ndarray  # (context, head_dim/2)
     pos: int = 0  # tokens in the cache
+
+    @property
+    def context(self) -> int:
+        return self.v.shape[2]
 
 
 @dataclass
@@ -264,11 +268,14 @@ class Model:
 
     def new_state(self, context: int) -> RunState:
         c = self.config
-        dtype, row = self.kv.row_shape(c.head_dim)
-        shape = (c.layers, c.kv_heads, context, row)
         angles = np.outer(np.arange(context), self.rope_freqs)
-        cache = lambda: huge_pages(dtype.itemsize * int(np.prod(shape))).view(dtype).reshape(shape)  # (read every token)
-        return RunState(cache(), cache(), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
+
+        def cache(keys: bool) -> np.ndarray:  # (read every token)
+            dtype, rest = self.kv.cache_shape(context, c.head_dim, keys)
+            shape = (c.layers, c.kv_heads, *rest)
+            return huge_pages(dtype.itemsize * int(np.prod(shape))).view(dtype).reshape(shape)
+
+        return RunState(cache(True), cache(False), np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32))
 
     @staticmethod
     def _rope(x: np.ndarray, state: RunState) -> np.ndarray:
@@ -281,8 +288,8 @@ class Model:
     def forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool = False) -> np.ndarray:
         """Run tokens at state.pos..; returns logits (T, vocab) if all_logits, else of the last token (vocab,)."""
         tokens = np.asarray(tokens)
-        if state.pos + len(tokens) > state.k.shape[2]:
-            raise ValueError(f"{state.pos + len(tokens)} tokens exceed the context of {state.k.shape[2]}")
+        if state.pos + len(tokens) > state.context:
+            raise ValueError(f"{state.pos + len(tokens)} tokens exceed the context of {state.context}")
         if self.step is not None and len(tokens) == 1 and not all_logits:  # decode: the whole model in one kernel
             return self._step(tokens[0], state)
         if self.w.quant is None:  # numpy's BLAS does the matrix products: let it use its threads
@@ -348,9 +355,9 @@ class Model:
         q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
         k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
         v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
-        state.k[i, :, pos:pos + n] = self.kv.encode(self._rope(k, state))
-        state.v[i, :, pos:pos + n] = self.kv.encode(v)
-        keys, values = (self.kv.decode(cache[i, :, :pos + n], hd) for cache in (state.k, state.v))
+        self.kv.write(state.k[i], pos, self._rope(k, state), keys=True)
+        self.kv.write(state.v[i], pos, v, keys=False)
+        keys, values = (self.kv.read(cache[i], pos + n, hd, keys) for cache, keys in ((state.k, True), (state.v, False)))
         q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
         scores = q @ keys.transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
         scores = scores.reshape(kvh, heads // kvh, n, pos + n)
@@ -408,7 +415,7 @@ class Model:
             if stats.generated_tokens >= max_tokens:
                 stats.stop = "max tokens"
                 break
-            if not ahead and state.pos >= state.k.shape[2]:
+            if not ahead and state.pos >= state.context:
                 stats.stop = f"context length ({context} tokens)"
                 break
             if self.step is None:
@@ -416,7 +423,7 @@ class Model:
                 continue
             if not ahead:
                 t1 = time.perf_counter()
-                n = min(chunk, max_tokens - stats.generated_tokens, state.k.shape[2] - state.pos)
+                n = min(chunk, max_tokens - stats.generated_tokens, state.context - state.pos)
                 ahead.extend(self._decode(token, state, n, stop, sampling))
                 chunk = max(1, min(MAX_CHUNK, int(STREAM_SECONDS * len(ahead) / (time.perf_counter() - t1))))
             token = ahead.popleft()

@@ -30,10 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from runtime import bandwidth
+from perfmodel.cost import kv_bytes
 from perfmodel.host import detect
 from qigen.bench import (BenchError, Progress, Task, log, machine, noisy_note, optional,
                          probe, render_text, summary, write)
-from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE, FORMATS as KV_FORMATS, KvFormat
+from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE, FORMATS as KV_FORMATS
 from qigen.options import add_activations, add_format, add_kv_cache, comma_list, outliers, positive, threads
 from qigen.llm import load_model, quantize_model
 from qigen.pipeline import best_isa
@@ -280,7 +281,7 @@ class Run:
 
     def kv(self, name: str) -> float:
         """Bytes of a KV cache in format `name` that each decoded token reads, on average over a speed run."""
-        return kv_bytes(self.ckpt, len(self.prompt), self.args.tokens, KV_FORMATS[name])
+        return kv_bytes(self.ckpt.config, KV_FORMATS[name], len(self.prompt), self.args.tokens)
 
     def measure(self, record: dict, make, per_token: float) -> dict:
         """Speed per thread count, then perplexity with the last model; a failure is recorded, not raised.
@@ -522,12 +523,6 @@ def table(records: list[dict], threads: tuple[int, ...]) -> tuple[list[str], lis
     t = [f"{n}t" for n in threads]
     return (["config", "size MB", "bits/w", "ppl", *[f"prompt tok/s {x}" for x in t], *[f"decode tok/s {x}" for x in t],
              f"spread % {most}t", f"x torch fp32 {most}t", f"% bw rate {most}t", "% in kernels", "error"], rows)
-
-
-def kv_bytes(ckpt: Checkpoint, prompt: int, tokens: int, fmt: KvFormat) -> float:
-    """Key and value cache bytes in format fmt that each decoded token reads, averaged over the decode."""
-    c = ckpt.config
-    return 2 * c.layers * c.kv_heads * fmt.row_bytes(c.head_dim) * (prompt + (tokens + 1) / 2)
 
 
 def plot(records: list[dict], most: int, path: Path) -> bool:

@@ -717,6 +717,26 @@ static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2
     memcpy(x, row, sizeof(float) * 24);
 }
 
+/* bytes of a key/value head's key cache of `context` positions */
+static size_t step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_stride(int context)
+{
+    return (size_t)context * 96;
+}
+
+/* key t into a key/value head's key cache kh */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_put(uint8_t *kh, int t, const float *k, int context)
+{
+    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(kh + (size_t)t * 96, k);
+}
+
+/* key t of a key/value head's key cache kh as floats, once the keys of positions 0..end - 1 are written */
+static void step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_get(const uint8_t *kh, int t, int end, int context, float *x)
+{
+    (void)end;
+    (void)context;
+    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_get(kh + (size_t)t * 96, x);
+}
+
 /* step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2's next token from its logits: greedy, or sampled as runtime.model.sample does in numpy. */
 
 /* the first largest logit (never a NaN one): it costs a tenth of numpy's argmax on logits that both cores just
@@ -1118,7 +1138,7 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
     float *x = scratch + 0, *qkv = scratch + 80, *ffn = scratch + 208;
     float *scores = scratch + 416;
     float *part = scores + ((size_t)3 * context + 15) / 16 * 16;
-    const size_t head_stride = (size_t)context * 96;
+    const size_t key_stride = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_stride(context), value_stride = (size_t)context * 96;
     const float *cs = rope_cos + (size_t)pos * 12, *sn = rope_sin + (size_t)pos * 12;
     memcpy(x, embedding, sizeof(float) * 72);  /* the residual stream */
 #pragma omp parallel num_threads(threads)
@@ -1129,15 +1149,16 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
         float *att = own + 192, *xs = own + 272;
         for (int l = 0; l < 2; l++) {
             const void *const *L = weights + (size_t)l * 22;
-            uint8_t *kc = (uint8_t *)k_cache + (size_t)l * 1 * head_stride;
-            uint8_t *vc = (uint8_t *)v_cache + (size_t)l * 1 * head_stride;
+            uint8_t *kc = (uint8_t *)k_cache + (size_t)l * 1 * key_stride;
+            uint8_t *vc = (uint8_t *)v_cache + (size_t)l * 1 * value_stride;
             /* attention: q, k, v of the normed input */
             step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rmsnorm(x, L[0], h);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_prep(h, (const int32_t *)L[5], xs);
             gemv_a8_q4_g32_asym_fp16_avx2_m120k72_r1a1n1kb0_tiles((const uint32_t *)L[2], L[3], L[4], (const int32_t *)L[5], (const uint16_t *)L[6], xs, NULL, qkv);
-            /* attention in parts: every key/value head's positions 0..pos split in as many parts as threads, so each
-               thread reads its share of the caches once for all the query heads of a group. Each part rotates the group's
-               query heads and key; the last, which alone reads position pos, first appends that key and the value there */
+            /* attention in parts: every key/value head's positions 0..pos split in as many parts as threads, at
+               multiples of 32, so each thread reads its share of the caches once for all the query heads of a group.
+               Each part rotates the group's query heads and key; the last, which alone reads position pos (and the
+               other positions of its block of 32), first appends that key and the value there */
 #pragma omp for schedule(static)
             for (int u = 0; u < 1 * parts; u++) {
                 const int g = u / parts, p = u % parts;
@@ -1148,11 +1169,11 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
                 memcpy(k, qkv + 72 + g * 24, sizeof(float) * 24);
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(k, cs, sn);
                 if (p == parts - 1) {  /* the part that reads position pos writes it */
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(kc + g * head_stride + (size_t)pos * 96, k);
-                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * head_stride + (size_t)pos * 96, v);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_put(kc + g * key_stride, pos, k, context);
+                    step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * value_stride + (size_t)pos * 96, v);
                 }
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * head_stride, vc + g * head_stride, (int)((long)pos * p / parts),
-                                    p == parts - 1 ? pos + 1 : (int)((long)pos * (p + 1) / parts), context,
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_attend(q, kc + g * key_stride, vc + g * value_stride, (int)((long)pos * p / parts) / 32 * 32,
+                                    p == parts - 1 ? pos + 1 : (int)((long)pos * (p + 1) / parts) / 32 * 32, context,
                                     scores + (size_t)g * 3 * context,
                                     part + ((size_t)p * 3 + g * 3) * 32);
             }
@@ -1204,35 +1225,39 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_decode(
    blocks of 64 with an online softmax (running max and sum per lane). Returns -1 when out of memory. */
 int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_prefill_attention(const float *qkv, int n, int layer, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *att, int threads)
 {
-    const size_t head_stride = (size_t)context * 96;
-    uint8_t *kc = (uint8_t *)k_cache + (size_t)layer * 1 * head_stride;
-    uint8_t *vc = (uint8_t *)v_cache + (size_t)layer * 1 * head_stride;
+    const size_t key_stride = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_stride(context), value_stride = (size_t)context * 96;
+    uint8_t *kc = (uint8_t *)k_cache + (size_t)layer * 1 * key_stride;
+    uint8_t *vc = (uint8_t *)v_cache + (size_t)layer * 1 * value_stride;
     const int blocks = (n + VW - 1) / VW, keys = pos + n;
     const size_t rows = 0, kv_stride = (size_t)context * 24;  /* the tiles read the caches */
-    float *qr = qigen_alloc(sizeof(float) * ((size_t)n * 72 + (size_t)threads * 2784
+    float *qr = qigen_alloc(sizeof(float) * ((size_t)n * 96 + (size_t)threads * 2784
                                              + 2 * rows * 24));
     if (!qr)
         return -1;
-    float *owns = qr + (size_t)n * 72;
+    float *kr = qr + (size_t)n * 72, *owns = kr + (size_t)n * 24;
     const float *kx = (const float *)kc, *vx = (const float *)vc;
 #pragma omp parallel num_threads(threads)
     {
-        /* q rotated into qr, k rotated and v into the caches at pos + j */
+        /* q rotated into qr, k rotated into kr, v into the cache at pos + j */
 #pragma omp for
         for (int j = 0; j < n; j++) {
             const float *cs = rope_cos + (size_t)(pos + j) * 12, *sn = rope_sin + (size_t)(pos + j) * 12;
             const float *row = qkv + (size_t)j * 120;
-            float *qj = qr + (size_t)j * 72, kt[24];
+            float *qj = qr + (size_t)j * 72, *kj = kr + (size_t)j * 24;
             memcpy(qj, row, sizeof(float) * 72);
             for (int h = 0; h < 3; h++)
                 step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(qj + h * 24, cs, sn);
+            memcpy(kj, row + 72, sizeof(float) * 24);
             for (int g = 0; g < 1; g++) {
-                memcpy(kt, row + 72 + g * 24, sizeof(float) * 24);
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(kt, cs, sn);
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(kc + g * head_stride + (size_t)(pos + j) * 96, kt);
-                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * head_stride + (size_t)(pos + j) * 96, row + 96 + g * 24);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_rope(kj + g * 24, cs, sn);
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_kv_put(vc + g * value_stride + (size_t)(pos + j) * 96, row + 96 + g * 24);
             }
         }
+        /* the keys into the cache in order, a key/value head per thread (a format by channel fills blocks of 32) */
+#pragma omp for
+        for (int g = 0; g < 1; g++)
+            for (int j = 0; j < n; j++)
+                step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_key_put(kc + g * key_stride, pos + j, kr + ((size_t)j * 1 + g) * 24, context);
         float *own = owns + (size_t)omp_get_thread_num() * 2784;
         float *qt = own, *sc = qt + 576, *ot = sc + 1536;
         float *m = ot + 576, *l = m + 24, *mx = l + 24, *alpha = mx + 24;
