@@ -10,7 +10,7 @@ import jinja2
 
 from qigen.arch import ROLE_NAMES, ROLES
 from qigen.family import LINE, PREFETCH, KernelParams
-from qigen.kvcache import FORMATS as KV_FORMATS, KvFormat
+from qigen.kvcache import FORMATS as KV_FORMATS, KvFormat, hadamard_size
 from qigen.spec import ISAS, KernelSpec, Schedule, SpecError, StepSpec, check
 
 
@@ -98,6 +98,7 @@ class StepParams:
     kv_row: int  # bytes per cached row (a position of a key/value head)
     kv_codes_at: int  # where a row's codes start (after its blocks' parameters)
     kv_vector_dims: int  # dims of a row that whole vectors cover; a floating-point format's rest are read one by one
+    kv_hadamard: int  # the blocks of a head that keys and queries are rotated in (keys by channel)
     vw: int  # fp32 lanes of a vector
 
 
@@ -181,7 +182,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * kv.row_bytes(c.head_dim), LINE)),
         per_layer=per_layer, slot=slot, qkv_rows=qkv.shape(c)[0], prefill=prefill_attention(step),
         kv=kv, kv_row=kv.row_bytes(c.head_dim), kv_codes_at=kv.param_bytes(c.head_dim),
-        kv_vector_dims=c.head_dim // vw * vw, vw=vw)
+        kv_vector_dims=c.head_dim // vw * vw, kv_hadamard=hadamard_size(c.head_dim), vw=vw)
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:

@@ -355,10 +355,10 @@ class Model:
         q = qkv[:, :k_at].reshape(n, heads, hd).transpose(1, 0, 2)
         k = qkv[:, k_at:v_at].reshape(n, kvh, hd).transpose(1, 0, 2)
         v = qkv[:, v_at:].reshape(n, kvh, hd).transpose(1, 0, 2)
-        self.kv.write(state.k[i], pos, self._rope(k, state), keys=True)
+        self.kv.write(state.k[i], pos, self.kv.rotate(self._rope(k, state)), keys=True)
         self.kv.write(state.v[i], pos, v, keys=False)
         keys, values = (self.kv.read(cache[i], pos + n, hd, keys) for cache, keys in ((state.k, True), (state.v, False)))
-        q = self._rope(q, state).reshape(kvh, heads // kvh * n, hd)  # query heads grouped by their kv head
+        q = self.kv.rotate(self._rope(q, state)).reshape(kvh, heads // kvh * n, hd)  # grouped by their kv head
         scores = q @ keys.transpose(0, 2, 1) * hd ** -0.5  # (kvh, group·T, S)
         scores = scores.reshape(kvh, heads // kvh, n, pos + n)
         scores[..., causal] = -np.inf

@@ -123,7 +123,7 @@ def test_quantized_kv_caches_on_the_real_model(q8, q8_fp32_cache):
     layer (but where a k differs in its last bit and rounds the other way), and rows within a code later but for a
     few in 10^4 (where such a flip has moved the later layers' inputs a little). Perplexity on the same weights, 250 scored tokens: the default
     q8 cache within 2% of the fp32 cache's (here +1.3%: on so few tokens any change of the last bits moves it by
-    about as much; whole texts at ctx 2048 and 4096 are in README's "KV cache"), q4 (8-9% above it there) within 15%."""
+    about as much; whole texts at ctx 2048 and 4096 are in README's "KV cache"), q4 (+0.6 to +2.7% there) within 6%."""
     q4 = build_model(q8.w, q8.tokenizer, threads=2, kv_cache="q4")
     assert q4.kv.name == "q4" and q4.kv.cache_shape(40, 64, keys=False) == (np.uint8, (40, 40))
     assert q4.kv.cache_shape(40, 64, keys=True) == (np.uint8, (2 * 32 * 40 + 32 * 64 * 4,))  # two blocks, the tail
@@ -142,7 +142,7 @@ def test_quantized_kv_caches_on_the_real_model(q8, q8_fp32_cache):
     assert q8.kv.name == "q8"
     p32 = fp32.perplexity(text, ctx=128)[0]
     assert abs(q8.perplexity(text, ctx=128)[0] - p32) / p32 < 0.02
-    assert abs(q4.perplexity(text, ctx=128)[0] - p32) / p32 < 0.15
+    assert abs(q4.perplexity(text, ctx=128)[0] - p32) / p32 < 0.06
     with pytest.raises(ValueError, match="KV cache 'q9' is unknown"):
         build_model(q8.w, q8.tokenizer, kv_cache="q9")
     with pytest.raises(ValueError, match="context=9000: above the model's own 8192"):
