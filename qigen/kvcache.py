@@ -96,6 +96,8 @@ class KvFormat:
 
     def write(self, cache: np.ndarray, pos: int, x: np.ndarray, keys: bool) -> None:
         """Positions pos.. of x (kv_heads, n, head_dim) float32 into one layer's cache (kv_heads, *cache_shape)."""
+        if x.shape[1] == 0:
+            return
         if not (keys and self.keys_by_channel):
             cache[:, pos:pos + x.shape[1]] = self.encode(x)
             return
