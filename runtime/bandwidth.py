@@ -13,7 +13,8 @@ import numpy as np
 from perfmodel.host import Host, detect
 from runtime.compiler import atomic_write, cache_dir, compile
 
-PROBE_BYTES = 512 << 20
+PROBE_BYTES = 512 << 20  # read at least, and 8x the L3 up to PROBE_MOST: where sysfs reports a VM host's 480 MiB L3,
+PROBE_MOST = 1 << 30  # 8x was 3.75 GiB a probe, written then read 5 times at each thread count on every bench run
 
 
 def _path(host: Host):
@@ -28,7 +29,7 @@ def probe(threads: list[int], reps: int = 5) -> dict[int, float]:
     ffi = cffi.FFI()
     ffi.cdef("double qigen_read_bandwidth(const float *a, size_t n, int threads, int reps);")
     lib = ffi.dlopen(str(built.path))
-    a = np.ones(max(PROBE_BYTES, 8 * host.l3) // 4, dtype=np.float32)
+    a = np.ones(min(max(PROBE_BYTES, 8 * host.l3), PROBE_MOST) // 4, dtype=np.float32)
     ptr = ffi.cast("float *", ffi.from_buffer(a))
     return {t: lib.qigen_read_bandwidth(ptr, a.size, t, reps) for t in threads}
 

@@ -28,10 +28,9 @@ from qigen.pipeline import TUNE_TOP, best_isa, build
 from qigen.spec import BITS, MAX_BATCH, KernelSpec, SpecError, activations, activations_help, choose_family, kernel_name
 from runtime import bandwidth, peak
 from runtime.loader import Kernel
-from runtime.timing import time_call, time_kernel
+from runtime.timing import MAX_COPIES, time_call, time_kernel
 
 LLAMA_7B = ((4096, 4096), (11008, 4096), (4096, 11008))  # attention projections, MLP up/gate, MLP down
-MAX_COPIES = 64  # weight copies a baseline rotates: enough to overflow the L3 for every shape that could stream
 
 
 @dataclass(frozen=True)
