@@ -8,6 +8,7 @@ some CPUs (e.g. L1d as the sum over cores, L3 as 512 KiB on a 32 MiB AMD EPYC).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import subprocess
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cpuinfo
-import llvmlite.binding as llvm
 
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512vnni", "avxvnni")
 KiB, MiB = 1 << 10, 1 << 20
@@ -103,6 +103,8 @@ def from_target(name: str) -> Host:
     if name not in _TARGETS:
         raise HostError(f"unknown target '{name}': known targets are {', '.join(known_targets())}")
     if name not in _llvm_cpu_names():
+        import llvmlite.binding as llvm
+
         version = ".".join(map(str, llvm.llvm_version_info))
         raise HostError(f"target '{name}' is unknown to LLVM {version}: upgrade llvmlite")
     return _TARGETS[name]
@@ -123,13 +125,23 @@ def detect() -> Host:
     """The machine we run on."""
     info = _cpuinfo()
     hz = info.get("hz_advertised") or (0, 0)
-    name = llvm.get_host_cpu_name()
+    name, llvm_features = _llvm_host()
     return Host(
         name=name, vendor=info.get("vendor_id_raw", ""), model=info.get("brand_raw", name),
         cores=len(os.sched_getaffinity(0)),
-        features=_features(llvm.get_host_cpu_features(), info.get("flags", ())),
+        features=_features(llvm_features, info.get("flags", ())),
         **_caches(SYSFS_CACHE, info), freq_hz=float(hz[0]), native=True,
     )
+
+
+def _llvm_host() -> tuple[str, dict[str, bool]]:
+    """LLVM's name and features of this CPU, asked in a child process: LLVM loaded into this one stays resident
+    (about 28 MB) for the life of a model that never needs it again."""
+    ask = ("import json, llvmlite.binding as llvm; "
+           "print(json.dumps([llvm.get_host_cpu_name(), dict(llvm.get_host_cpu_features())]))")
+    name, features = json.loads(subprocess.run([sys.executable, "-c", ask], capture_output=True, text=True,
+                                               check=True).stdout)
+    return name, features
 
 
 def _cpuinfo() -> dict:

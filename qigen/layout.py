@@ -170,21 +170,22 @@ def pack_codes(codes: np.ndarray, lay: Layout) -> np.ndarray:
         raise ValueError(f"codes have shape {codes.shape}, the layout expects {(lay.rows, lay.cols)}")
     if codes.size and int(codes.max()) >= 1 << lay.bits:
         raise ValueError(f"a code exceeds {lay.bits} bits")
-    c = _tiled(codes.astype(np.uint32), lay, lay.chunks * lay.chunk)
+    c = _tiled(codes.astype(np.uint8, copy=False), lay, lay.chunks * lay.chunk)  # (in bytes: the 8-bit head's codes
+    # widened to uint32 took 4x its 28 MB twice over)
     c = c.reshape(lay.tiles, lay.tile_rows, lay.chunks, lay.chunk).transpose(0, 2, 3, 1)
     words = np.zeros((lay.tiles, lay.chunks, lay.words, lay.tile_rows), dtype=np.uint32)
     for f in lay.fields:
-        words[:, :, f.word] |= ((c[:, :, f.code] >> f.lo) & ((1 << f.width) - 1)) << f.bit
+        words[:, :, f.word] |= ((c[:, :, f.code].astype(np.uint32) >> f.lo) & ((1 << f.width) - 1)) << f.bit
     return words
 
 
 def unpack_codes(words: np.ndarray, lay: Layout) -> np.ndarray:
     """Inverse of pack_codes."""
-    c = np.zeros((lay.tiles, lay.chunks, lay.chunk, lay.tile_rows), dtype=np.uint32)
+    c = np.zeros((lay.tiles, lay.chunks, lay.chunk, lay.tile_rows), dtype=np.uint8)  # (codes have at most 8 bits)
     for f in lay.fields:
-        c[:, :, f.code] |= ((words[:, :, f.word] >> f.bit) & ((1 << f.width) - 1)) << f.lo
+        c[:, :, f.code] |= (((words[:, :, f.word] >> f.bit) & ((1 << f.width) - 1)) << f.lo).astype(np.uint8)
     c = c.transpose(0, 3, 1, 2).reshape(lay.tiles * lay.tile_rows, lay.chunks * lay.chunk)
-    return c[: lay.rows, : lay.cols].astype(np.uint8)
+    return np.ascontiguousarray(c[: lay.rows, : lay.cols])
 
 
 def pack_groups(values: np.ndarray, lay: Layout) -> np.ndarray:
@@ -203,6 +204,22 @@ class PackedWeights:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    def into(self, region: np.ndarray) -> PackedWeights:
+        """A copy in `region` (uint8, at least placed_bytes of these arrays), each array from a cache line."""
+        at = np.cumsum([0] + [placed_bytes(a.nbytes) for a in self.arrays.values()])
+        if at[-1] > region.nbytes:
+            raise ValueError(f"{at[-1]} bytes of packed weights do not fit in a region of {region.nbytes}")
+        views = {name: region[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+                 for (name, a), start in zip(self.arrays.items(), at)}
+        for name, a in self.arrays.items():
+            views[name][...] = a
+        return PackedWeights(self.layout, views)
+
+
+def placed_bytes(nbytes: int) -> int:
+    """What an array of nbytes takes among others end to end: each starts on a cache line."""
+    return -(-nbytes // 64) * 64
+
 
 HUGE_PAGE = 2 << 20
 
@@ -220,22 +237,14 @@ def huge_pages(nbytes: int) -> np.ndarray:
     return memory[start:start + nbytes]
 
 
-def contiguous(packs: list[PackedWeights]) -> list[PackedWeights]:
-    """Copies of `packs`, end to end on huge pages in that order: decode reads them so, every token. Measured on
-    SmolLM2: the copy in reading order gave +6% tokens/s at 2 threads, +11% at 1 (while still on 4 KiB pages);
-    huge pages then +2% at 2 threads and +6.6% at 1."""
-    lines = lambda a: -(-a.nbytes // 64) * 64  # each array starts on a cache line
-    memory = huge_pages(sum(lines(a) for p in packs for a in p.arrays.values()))
-    start = 0
-
-    def place(a: np.ndarray) -> np.ndarray:
-        nonlocal start
-        view = memory[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
-        view[...] = a
-        start += lines(a)
-        return view
-
-    return [PackedWeights(p.layout, {name: place(a) for name, a in p.arrays.items()}) for p in packs]
+def contiguous(sizes: list[int]) -> list[np.ndarray]:
+    """Regions of these sizes (bytes), end to end on huge pages in that order, each from a cache line: decode reads
+    its weights so, every token (PackedWeights.into fills a region). Measured on SmolLM2: copies in reading order
+    gave +6% tokens/s at 2 threads, +11% at 1 (while still on 4 KiB pages); huge pages then +2% at 2 threads and
+    +6.6% at 1."""
+    at = np.cumsum([0] + [placed_bytes(n) for n in sizes])
+    memory = huge_pages(int(at[-1]))
+    return [memory[start:start + n] for start, n in zip(at, sizes)]
 
 
 def pack(q, spec, schedule) -> PackedWeights:

@@ -12,7 +12,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,14 +23,14 @@ from qigen.arch import HEAD, ROLES, CheckpointError, LlamaConfig
 from qigen.kvcache import DEFAULT as DEFAULT_KV_CACHE
 from qigen.layout import pack_codes, stored_layout, unpack_codes
 from qigen.pipeline import best_isa, build
-from qigen.quant import QuantizedWeights, dequantize, quantize
+from qigen.quant import QuantizedWeights, check_outliers, quantize
 from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec, prefill_spec
 from runtime import bandwidth
-from runtime.checkpoint import Checkpoint, default_model
+from runtime.checkpoint import Checkpoint, Safetensors, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, kv_cache_format, quantize_weights,
-                           split_linears, take_rows)
+from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, embedding_table, kv_cache_format,
+                           quantize_weights, split_linears, take_rows)
 from runtime.tokenizer import Tokenizer, TokenizerError
 
 FORMAT, VERSION = "qigen-model", 1
@@ -48,34 +48,64 @@ def _stored(name: str, q: QuantizedWeights, spec: KernelSpec) -> dict[str, np.nd
     return {f"{name}.words": words} | {f"{name}.{k}": a for k, a in arrays.items()}
 
 
-def _tensor(t: dict[str, np.ndarray], name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    """A file's tensor, refused unless it has exactly the dtype and shape the spec says."""
-    if name not in t:
+def _header(f: Safetensors, name: str, dtype, shape: tuple[int, ...]) -> str:
+    """`name`, refused unless the file holds it with exactly the dtype and shape the spec says."""
+    if name not in f.tensors:
         raise CheckpointError(f"tensor '{name}' is missing")
-    a = t[name]
-    if a.dtype != dtype or a.shape != shape:
-        raise CheckpointError(f"tensor '{name}' is {a.dtype} {a.shape}, the spec needs {np.dtype(dtype)} {shape}")
-    return a
+    if f.dtype(name) != dtype or f.tensors[name][1] != shape:
+        raise CheckpointError(f"tensor '{name}' is {f.dtype(name)} {f.tensors[name][1]}, the spec needs "
+                              f"{np.dtype(dtype)} {shape}")
+    return name
 
 
-def _restored(t: dict[str, np.ndarray], name: str, spec: KernelSpec) -> QuantizedWeights:
-    """Inverse of _stored, each tensor checked against the spec."""
-    lay = stored_layout(spec.bits, spec.rows, spec.cols)
-    words = _tensor(t, f"{name}.words", np.uint32, (lay.packed_words,))
-    groups = (spec.rows, spec.groups)
-    offsets = None if spec.symmetric else _tensor(t, f"{name}.offsets", spec.scales.numpy, groups)
-    if spec.symmetric and f"{name}.offsets" in t:
-        raise CheckpointError(f"tensor '{name}.offsets' is in a file of symmetric format, which has none")
-    outliers = t.get(f"{name}.outliers")  # checked by QuantizedWeights, with their weights
-    weights = None if outliers is None else _tensor(t, f"{name}.outlier_weights", np.float16,
-                                                    (spec.rows, getattr(outliers, "size", 0)))
-    if outliers is None and f"{name}.outlier_weights" in t:
-        raise CheckpointError(f"tensor '{name}.outlier_weights' is in the file without its channels")
-    try:
-        return QuantizedWeights(unpack_codes(words.reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows), lay),
-                                _tensor(t, f"{name}.scales", spec.scales.numpy, groups), offsets, outliers, weights)
-    except ValueError as e:
-        raise CheckpointError(f"'{name}': {e}") from e
+def _tensor(f: Safetensors, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    return f.read(_header(f, name, dtype, shape))
+
+
+@dataclass(frozen=True, eq=False)
+class StoredWeights:
+    """A matrix still in its .qigen file, its tensors checked against the spec: read and unpacked when loaded. A
+    model packs its matrices one at a time, so that only one is unpacked at once (unpacking every matrix on reading
+    the file took 134 MB of uint8 codes for the default model, beside the 100 MB file read whole)."""
+    file: Safetensors
+    name: str
+    spec: KernelSpec
+    order: np.ndarray | None  # the file's rows, taken in this order (None: as stored)
+    outliers: np.ndarray | None  # read and checked with the header: small, and data rather than format
+    outlier_weights: np.ndarray | None  # rows in `order`
+
+    @classmethod
+    def open(cls, f: Safetensors, name: str, spec: KernelSpec, order: np.ndarray | None = None) -> StoredWeights:
+        """The matrix `name` of f, refused unless it is one in spec's format."""
+        groups = (spec.rows, spec.groups)
+        _header(f, f"{name}.words", np.uint32, (stored_layout(spec.bits, spec.rows, spec.cols).packed_words,))
+        _header(f, f"{name}.scales", spec.scales.numpy, groups)
+        if spec.symmetric and f"{name}.offsets" in f.tensors:
+            raise CheckpointError(f"tensor '{name}.offsets' is in a file of symmetric format, which has none")
+        if not spec.symmetric:
+            _header(f, f"{name}.offsets", spec.scales.numpy, groups)
+        outliers = f.read(f"{name}.outliers") if f"{name}.outliers" in f.tensors else None
+        weights = None if outliers is None else _tensor(f, f"{name}.outlier_weights", np.float16,
+                                                        (spec.rows, outliers.size))
+        if outliers is None and f"{name}.outlier_weights" in f.tensors:
+            raise CheckpointError(f"tensor '{name}.outlier_weights' is in the file without its channels")
+        try:
+            check_outliers(outliers, weights, spec.rows, spec.cols)
+        except ValueError as e:
+            raise CheckpointError(f"'{name}': {e}") from e
+        return cls(f, name, spec, order, outliers, weights if order is None or weights is None else weights[order])
+
+    @property
+    def outlier_count(self) -> int:
+        return 0 if self.outliers is None else self.outliers.size
+
+    def load(self) -> QuantizedWeights:
+        f, spec, lay = self.file, self.spec, stored_layout(self.spec.bits, self.spec.rows, self.spec.cols)
+        words = f.read(f"{self.name}.words").reshape(lay.tiles, lay.chunks, lay.words, lay.tile_rows)
+        q = QuantizedWeights(unpack_codes(words, lay), f.read(f"{self.name}.scales"),
+                             None if spec.symmetric else f.read(f"{self.name}.offsets"))
+        q = q if self.order is None else q.take_rows(self.order)
+        return replace(q, outliers=self.outliers, outlier_weights=self.outlier_weights)
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
@@ -92,7 +122,7 @@ def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str)
             tensors |= _stored(f"layers.{i}.{role.name}", m, q.kernel_spec(*role.shape(c)))
     tensors |= _stored("head", weights.head, q.kernel_spec(*HEAD.shape(c), head=True))
     if not c.tied_embeddings:
-        tensors["embed"] = weights.embed.astype(np.float16)
+        tensors |= _stored("embed", weights.embed, q.kernel_spec(*HEAD.shape(c), head=True))
     meta = {"format": FORMAT, "version": VERSION, "config": c.to_dict(), "quant": asdict(q),
             "source_sha256": source_sha256, "tokenizer": tokenizer.to_json()}
     atomic_write(path, to_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
@@ -100,22 +130,18 @@ def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str)
 
 
 def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
-    """A .qigen file → quantized weights, its tokenizer and its metadata; clear errors for anything else."""
-    from safetensors import safe_open
-
+    """A .qigen file → its weights (the linear layers' still in the file, each checked: StoredWeights), its tokenizer
+    and its metadata; clear errors for anything else."""
     try:
-        with safe_open(str(path), "numpy") as f:
-            meta = json.loads((f.metadata() or {}).get("qigen", "{}"))
-            if meta.get("format") != FORMAT:
-                raise CheckpointError(f"{path} is not a qigen model file")
-            if meta.get("version") != VERSION:
-                raise CheckpointError(f"{path} is qigen model format version {meta.get('version')}; "
-                                      f"this qigen reads version {VERSION}: re-quantize it")
-            t = {k: f.get_tensor(k) for k in f.keys()}
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own types for truncated or corrupt files
+        f = Safetensors(path)
+        meta = json.loads(f.metadata.get("qigen", "{}"))
+    except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable qigen model file: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a qigen model file")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} is qigen model format version {meta.get('version')}; "
+                              f"this qigen reads version {VERSION}: re-quantize it")
     try:
         if not all(isinstance(meta.get(k), dict) for k in ("config", "quant")):
             raise CheckpointError("its metadata lacks the config or the quantization spec")
@@ -126,23 +152,28 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
     except (CheckpointError, SpecError, TokenizerError, TypeError) as e:  # TypeError: a field QuantSpec lacks
         raise CheckpointError(f"{path}: {e}") from e
 
-    def product(i: int, role) -> QuantizedWeights:
-        m = _restored(t, f"layers.{i}.{role.name}", q.kernel_spec(*role.shape(config)))
-        return take_rows(m, role.order(config)) if role.interleave > 1 else m
+    def product(i: int, role) -> StoredWeights:
+        return StoredWeights.open(f, f"layers.{i}.{role.name}", q.kernel_spec(*role.shape(config)),
+                                  role.order(config) if role.interleave > 1 else None)
 
-    norm = lambda name: _tensor(t, name, np.float32, (config.hidden,))
+    norm = lambda name: _tensor(f, name, np.float32, (config.hidden,))
     try:
+        if config.layers > len(f.tensors):  # (before listing what a config promises)
+            raise CheckpointError(f"a model of {config.layers} layers, in a file of {len(f.tensors)} tensors")
         layers = [Layer(attn_norm=norm(f"layers.{i}.attn_norm"), ffn_norm=norm(f"layers.{i}.ffn_norm"),
                         **{r.name: product(i, r) for r in ROLES}) for i in range(config.layers)]
         head_spec = q.kernel_spec(*HEAD.shape(config), head=True)
-        head = _restored(t, "head", head_spec)
-        embed = dequantize(head, head_spec) if config.tied_embeddings else \
-            _tensor(t, "embed", np.float16, HEAD.shape(config)).astype(np.float32)
+        head = StoredWeights.open(f, "head", head_spec).load()  # in memory: the token lookups read it too
+        if config.tied_embeddings:
+            embed = head
+        elif "embed.words" in f.tensors:
+            embed = StoredWeights.open(f, "embed", head_spec).load()
+        else:  # written before embeddings were kept in the head's format
+            embed = embedding_table(_tensor(f, "embed", np.float16, HEAD.shape(config)), head_spec)
         weights = Weights(config, embed, layers, norm("norm"), head, q)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete or was made for another spec: {e}") from e
     return weights, tokenizer, meta
-
 
 
 def build_model(weights: Weights, tokenizer: Tokenizer, threads: int | None = None, fused: bool = True,

@@ -21,15 +21,15 @@ class QuantizedWeights:
     outlier_weights: np.ndarray | None = None  # (rows, k) fp16: W's columns at those channels
 
     def __post_init__(self) -> None:
-        if self.outliers is None and self.outlier_weights is None:
-            return
-        rows, cols = self.codes.shape
-        check_channels(self.outliers, cols)
-        ow = self.outlier_weights
-        if not (isinstance(ow, np.ndarray) and ow.dtype == np.float16 and ow.shape == (rows, self.outliers.size)
-                and np.isfinite(ow).all()):
-            raise ValueError(f"outlier weights should be finite fp16 of shape {(rows, self.outliers.size)}, not "
-                             f"{getattr(ow, 'dtype', type(ow).__name__)} {getattr(ow, 'shape', '')}")
+        check_outliers(self.outliers, self.outlier_weights, *self.codes.shape)
+
+    @property
+    def outlier_count(self) -> int:
+        return 0 if self.outliers is None else self.outliers.size
+
+    def load(self) -> QuantizedWeights:
+        """The weights in memory: these (a matrix still in its file loads then: qigen.llm.StoredWeights)."""
+        return self
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The arrays by name, those the format has."""
@@ -46,6 +46,18 @@ class QuantizedWeights:
         channels = np.asarray(channels, np.int32)
         check_channels(channels, self.codes.shape[1])
         return replace(self, outliers=channels, outlier_weights=w[:, channels].astype(np.float16))
+
+
+def check_outliers(outliers: np.ndarray | None, weights: np.ndarray | None, rows: int, cols: int) -> None:
+    """ValueError unless a rows x cols matrix's outlier channels and their weight columns are both absent, or are
+    channels as check_channels says and finite fp16 of shape (rows, channels)."""
+    if outliers is None and weights is None:
+        return
+    check_channels(outliers, cols)
+    if not (isinstance(weights, np.ndarray) and weights.dtype == np.float16 and weights.shape == (rows, outliers.size)
+            and np.isfinite(weights).all()):
+        raise ValueError(f"outlier weights should be finite fp16 of shape {(rows, outliers.size)}, not "
+                         f"{getattr(weights, 'dtype', type(weights).__name__)} {getattr(weights, 'shape', '')}")
 
 
 def _grouped(w: np.ndarray, spec: KernelSpec) -> np.ndarray:

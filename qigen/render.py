@@ -100,6 +100,7 @@ class StepParams:
     kv_vector_dims: int  # dims of a row that whole vectors cover; a floating-point format's rest are read one by one
     kv_hadamard: int  # the blocks of a head that keys and queries are rotated in (keys by channel)
     vw: int  # fp32 lanes of a vector
+    embed: KernelSpec  # the embedding table's format: the head's (symmetric: scale · (code - zero point) per group)
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,14 @@ class Source:
 
 
 def step_prototypes(name: str) -> tuple[str, ...]:
-    """The step; decoding by steps in a loop; picking a token from logits; the scratch size (floats) the first two need
+    """The step; decoding by steps in a loop (token embeddings looked up in a table in the head's format: codes,
+    scales); picking a token from logits; the scratch size (floats) the first two need
     for a context of `context` tokens and `threads` threads; a prefill chunk's attention, its SwiGLU and its RMSNorm."""
     state = ("void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, "
              "float *logits, float *scratch, int threads")
     return (f"int {name}(const void *const *weights, const float *embedding, {state});",
-            f"int {name}_decode(const void *const *weights, const float *embeddings, int token, int n, const int *stop, "
+            f"int {name}_decode(const void *const *weights, const uint8_t *embed_codes, const void *embed_scales, "
+            f"int token, int n, const int *stop, "
             f"int stops, float temperature, int top_k, float top_p, uint64_t *rng, int *tokens, {state});",
             f"int {name}_pick(const float *logits, float temperature, int top_k, float top_p, uint64_t *rng, "
             f"float *work);",
@@ -182,7 +185,7 @@ def step_params(step: StepSpec, kernels: dict[KernelSpec, KernelParams]) -> Step
         key_prefetch=tuple(range(PREFETCH, PREFETCH + key_rows * kv.row_bytes(c.head_dim), LINE)),
         per_layer=per_layer, slot=slot, qkv_rows=qkv.shape(c)[0], prefill=prefill_attention(step),
         kv=kv, kv_row=kv.row_bytes(c.head_dim), kv_codes_at=kv.param_bytes(c.head_dim),
-        kv_vector_dims=c.head_dim // vw * vw, kv_hadamard=hadamard_size(c.head_dim), vw=vw)
+        kv_vector_dims=c.head_dim // vw * vw, kv_hadamard=hadamard_size(c.head_dim), vw=vw, embed=step.head)
 
 
 def params(spec: KernelSpec, schedule: Schedule) -> KernelParams:

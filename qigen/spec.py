@@ -73,14 +73,15 @@ class ScaleDtype:
     numpy: type
     ctype: str
     load: str  # the SIMD helper that loads a vector of them as fp32
+    scalar: str  # the helper (or cast) that reads one as fp32
 
     @property
     def bytes(self) -> int:
         return np.dtype(self.numpy).itemsize
 
 
-SCALE_DTYPES = {d.name: d for d in (ScaleDtype("fp16", np.float16, "uint16_t", "vf_load_h"),
-                                    ScaleDtype("fp32", np.float32, "float", "vf_load"))}
+SCALE_DTYPES = {d.name: d for d in (ScaleDtype("fp16", np.float16, "uint16_t", "vf_load_h", "f_half"),
+                                    ScaleDtype("fp32", np.float32, "float", "vf_load", "(float)"))}
 
 FAMILIES: dict[str, "Family"] = {}  # name → record, best first for activations="auto"; filled by qigen.families
 
@@ -308,6 +309,8 @@ class StepSpec:
         if (self.head.rows, self.head.cols) != HEAD.shape(c):
             raise SpecError(f"step: the head is {self.head.rows}x{self.head.cols}, the model's is "
                             f"{'x'.join(map(str, HEAD.shape(c)))}")
+        if not self.head.symmetric:
+            raise SpecError("step: the head's format is also the embedding table's, which is symmetric")
         if self.kv_cache not in KV_FORMATS:
             raise SpecError(f"step: KV cache '{self.kv_cache}' is unknown: choose {', '.join(KV_FORMATS)}")
         if unfit := KV_FORMATS[self.kv_cache].unfit(c.head_dim):

@@ -400,42 +400,75 @@ def _load_hf(path: Path) -> Checkpoint:
 
 
 _HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+_FLOATS = ("F64", "F32", "F16", "BF16")  # what a Hugging Face checkpoint's weights may be
+
+
+class Safetensors:
+    """A .safetensors file: its header read and checked at once (8-byte size, JSON: name → dtype, shape and data
+    offsets, and `__metadata__`), each tensor read when asked, one copy from the page cache. Read here rather than
+    with the safetensors package, whose memory map keeps every page a reader has touched resident (a .qigen file read
+    through it took twice its size) and which cannot represent bfloat16 (numpy has no such type: BF16 comes as uint16)."""
+    DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "U32": "<u4", "I32": "<i4", "U8": "u1",
+              "I8": "i1"}
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = size = path.stat().st_size
+        with _opened(path) as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes in {size})")
+            try:
+                header = json.loads(f.read(n))
+            except ValueError as e:
+                raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        if not (isinstance(self.metadata, dict) and all(isinstance(v, str) for v in self.metadata.values())):
+            raise CheckpointError(f"{path} has a corrupt safetensors header: its metadata is not a map of text")
+        self.tensors: dict[str, tuple[str, tuple[int, ...], int]] = {}  # name → dtype, shape, where its data starts
+        for name, info in header.items():
+            try:
+                dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                start, end = int(start), int(end)
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry {info!r}") from e
+            if dtype not in self.DTYPES:
+                raise CheckpointError(f"{path}: tensor '{name}' has type {dtype}, not one of {', '.join(self.DTYPES)}")
+            if min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n or \
+                    end - start != math.prod(shape) * np.dtype(self.DTYPES[dtype]).itemsize:
+                raise CheckpointError(f"{path}: tensor '{name}' lies outside the file or disagrees with its shape "
+                                      f"{list(shape)}: the file is truncated or corrupt")
+            self.tensors[name] = dtype, shape, 8 + n + start
+
+    def dtype(self, name: str) -> np.dtype:
+        """How `name` comes back from read (BF16 as uint16)."""
+        return np.dtype(self.DTYPES[self.tensors[name][0]])
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, start = self.tensors[name]
+        a = np.empty(shape, self.DTYPES[dtype])
+        with _opened(self.path) as f:
+            if f.seek(0, 2) != self.size:
+                raise CheckpointError(f"{self.path} changed while it was being read")
+            f.seek(start)
+            if f.readinto(memoryview(a).cast("B")) != a.nbytes:
+                raise CheckpointError(f"{self.path} changed while it was being read")
+        return a
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """The float tensors of a .safetensors file as float32. Read here rather than with safetensors.numpy,
-    which cannot represent bfloat16 (numpy has no such type): 8-byte header size, JSON header, raw data."""
-    size = path.stat().st_size
-    with _opened(path) as f:
-        n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > size - 8:
-            raise CheckpointError(f"{path} is truncated or not a safetensors file (header of {n} bytes in {size})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path} has a corrupt safetensors header: {e}") from e
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{path} has a corrupt safetensors header: not a JSON object")
-        tensors = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                dtype, shape, (start, end) = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-            except (KeyError, TypeError, ValueError) as e:
-                raise CheckpointError(f"{path}: tensor '{name}' has a corrupt header entry {info!r}") from e
-            if dtype not in _SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor '{name}' has type {dtype}, not one of {', '.join(_SAFETENSORS_DTYPES)}")
-            kind = np.dtype(_SAFETENSORS_DTYPES[dtype])
-            if min(shape, default=0) < 0 or not 0 <= start <= end <= size - 8 - n or end - start != math.prod(shape) * kind.itemsize:
-                raise CheckpointError(f"{path}: tensor '{name}' lies outside the file or disagrees with its shape "
-                                      f"{shape}: the file is truncated or corrupt")
-            raw = np.empty(math.prod(shape), kind)
-            f.seek(8 + n + start)
-            f.readinto(memoryview(raw).cast("B"))  # one copy from the page cache, no page faults of a memmap
-            w = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else raw.astype(np.float32, copy=False)
-            tensors[name] = w.reshape(shape)
+    """The float tensors of a .safetensors file as float32."""
+    f = Safetensors(path)
+    tensors = {}
+    for name, (dtype, _, _) in f.tensors.items():
+        if dtype not in _FLOATS:
+            raise CheckpointError(f"{path}: tensor '{name}' has type {dtype}, not one of {', '.join(_FLOATS)}")
+    for name, (dtype, _, _) in f.tensors.items():
+        raw = f.read(name)
+        tensors[name] = (raw.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else \
+            raw.astype(np.float32, copy=False)
     return tensors
 
 

@@ -1,6 +1,7 @@
 """Load a compiled library through cffi and call its kernels on numpy arrays."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from perfmodel.host import detect
 from qigen.arch import ROLE_NAMES
 from qigen.family import Array
 from qigen.kvcache import FORMATS as KV_FORMATS
-from qigen.layout import PackedWeights, layout, pack
+from qigen.layout import PackedWeights, layout, pack, placed_bytes
 from qigen.quant import QuantizedWeights, quantize
 from qigen.spec import KernelSpec, Schedule, StepSpec, kernel_name
 from runtime.compiler import embedded_requires
@@ -54,6 +55,12 @@ class Kernel:
     @property
     def bundle(self) -> tuple[Array, ...]:
         return self.spec.traits.bundle(self.spec, self.schedule)
+
+    def packed_bytes(self, outliers: int) -> int:
+        """Bytes a matrix with that many outlier channels takes packed for this kernel, placed as
+        PackedWeights.into places its arrays."""
+        return sum(placed_bytes(np.dtype(a.dtype).itemsize * math.prod(a.dims(outliers))) for a in self.bundle
+                   if a.present and (outliers or not a.optional))
 
     def check(self, weights: PackedWeights) -> None:
         """Raise ValueError unless `weights` are packed in this kernel's format: its family's bundle, array by array."""
@@ -211,7 +218,7 @@ class BoundStep:
         self._pointers = step._ffi.new("void *[]", [step._ffi.NULL if a is None else step._ffi.from_buffer(a)
                                                     for a in arrays])
         self._state = _State((None,) * 4, 0, {}, np.empty(0, np.float32), [])
-        self._embeddings: tuple = (None, None)
+        self._embeddings: tuple = (None, None, None)
         self._work: np.ndarray | None = None  # pick's
 
     def _threads(self, threads: int | None) -> int:
@@ -297,10 +304,10 @@ class BoundStep:
                             threads)
         return out
 
-    def decode(self, embeddings: np.ndarray, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
+    def decode(self, embeddings: QuantizedWeights, token: int, n: int, stop: np.ndarray, k_cache, v_cache, rope_cos,
                rope_sin, pos: int, threads: int | None = None, sampling: Sampling = GREEDY) -> np.ndarray:
-        """Up to n tokens after `token` at pos, each picked by `sampling` (embeddings: the table, (vocab, hidden)),
-        ending early after a token in stop (int32), which is kept: the tokens picked, int32."""
+        """Up to n tokens after `token` at pos, each picked by `sampling` (embeddings: the table, (vocab, hidden), in
+        the head's format), ending early after a token in stop (int32), which is kept: the tokens picked, int32."""
         s, ffi = self._step.spec, self._step._ffi
         if n < 1:
             raise ValueError(f"n={n}: at least one token")
@@ -311,10 +318,13 @@ class BoundStep:
         k, v, cos, sin, logits, context, scratch, threads = self._bind(k_cache, v_cache, rope_cos, rope_sin, pos,
                                                                        threads, n)
         if embeddings is not self._embeddings[0]:
-            _floats(embeddings, (s.config.vocab_size, s.config.hidden), "embeddings")
-            self._embeddings = embeddings, ffi.cast("const float *", ffi.from_buffer(embeddings))
+            if not isinstance(embeddings, QuantizedWeights) or embeddings.offsets is not None:
+                raise ValueError("embeddings: a table in the head's format (QuantizedWeights, symmetric) expected")
+            _floats(embeddings.codes, (s.config.vocab_size, s.config.hidden), "embedding codes", np.uint8)
+            _floats(embeddings.scales, (s.config.vocab_size, s.head.groups), "embedding scales", s.head.scales.numpy)
+            self._embeddings = embeddings, ffi.from_buffer(embeddings.codes), ffi.from_buffer(embeddings.scales)
         tokens = np.empty(n, np.int32)
-        done = self._step._decode(self._pointers, self._embeddings[1], token, n, ffi.from_buffer("int[]", stop),
+        done = self._step._decode(self._pointers, *self._embeddings[1:], token, n, ffi.from_buffer("int[]", stop),
                                   len(stop), *sampling.arguments(ffi), ffi.from_buffer("int[]", tokens, require_writable=True),
                                   k, v, cos, sin, pos, context, logits, scratch, threads)
         return tokens[:done]

@@ -44,7 +44,7 @@ class Layer:
 @dataclass
 class Weights:
     config: LlamaConfig
-    embed: np.ndarray  # (vocab, hidden) fp32, for the token lookup
+    embed: Matrix  # (vocab, hidden), for the token lookup: fp32, or (a quantized model's) in the head's format
     layers: list[Layer]
     norm: np.ndarray  # (hidden,)
     head: Matrix  # (vocab, hidden)
@@ -80,8 +80,21 @@ def quantize_weights(w: Weights, quant: QuantSpec,
         layers.append(replace(layer, **q))
     head_spec = quant.kernel_spec(*w.head.shape, head=True)
     head = quantize(w.head, head_spec)
-    embed = dequantize(head, head_spec) if w.config.tied_embeddings else w.embed
+    embed = head if w.config.tied_embeddings else embedding_table(w.embed, head_spec)
     return Weights(w.config, embed, layers, w.norm, head, quant)
+
+
+EMBED_ROWS = 4096  # rows of an untied embedding quantized at a time: its fp32 copy stays small
+
+
+def embedding_table(embed: np.ndarray, head: KernelSpec) -> QuantizedWeights:
+    """An untied embedding (vocab, hidden) in the head's format, by RTN, a few rows at a time. A quantized model
+    looks its tokens up in the head's format (a tied embedding is the head): the decode step dequantizes one row a
+    token, and the table takes a quarter of fp32's memory (113 MB for SmolLM2 in fp32)."""
+    parts = [quantize(embed[i:i + EMBED_ROWS].astype(np.float32), replace(head, rows=len(embed[i:i + EMBED_ROWS])))
+             for i in range(0, len(embed), EMBED_ROWS)]
+    return QuantizedWeights(np.concatenate([q.codes for q in parts]), np.concatenate([q.scales for q in parts]),
+                            None if head.symmetric else np.concatenate([q.offsets for q in parts]))
 
 
 @dataclass(frozen=True)
@@ -97,18 +110,20 @@ class Kernels:
 class Linear:
     """y = x·Wᵀ: numpy for fp32 weights, else a matrix-vector kernel for one token, matrix-matrix for more."""
 
-    def __init__(self, m: Matrix, kernels: Kernels | None, spec: KernelSpec | None):
+    def __init__(self, m: Matrix, kernels: Kernels | None, spec: KernelSpec | None, region: np.ndarray | None = None):
+        """region: where decode's packing goes (layout.contiguous), else where packing leaves it."""
         self.seconds = 0.0  # spent in this layer's matrix products
         if isinstance(m, np.ndarray):
             self.packed, self.shared = None, False
             self.decode = self.prefill = lambda x, threads: x @ m.T
         else:
+            q = m.load()
             self._gemv, self._gemm = kernels.decode[spec], kernels.prefill[spec]
-            packed = self._gemv.pack(m)
+            packed = self._gemv.pack(q)
             self.shared = self._gemm.layout == packed.layout  # prefill reads decode's packing: one copy
             if not self.shared:
-                self.prefill = self._gemm.bind(self._gemm.pack(m))
-            self.place(packed)
+                self.prefill = self._gemm.bind(self._gemm.pack(q))
+            self.place(packed if region is None else packed.into(region))
 
     def place(self, packed: PackedWeights) -> None:
         """Decode from `packed`: the matrix-vector kernel's format, which the decode step reads too (and prefill,
@@ -247,20 +262,32 @@ class Model:
             raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
         self.step, self.step_seconds = None, 0.0
         spec = (lambda i, n: kernels.spec.linear(i, n)) if kernels else (lambda i, n: None)
-        self.linears = [{n: Linear(getattr(l, n), kernels, spec(i, n)) for n in ROLE_NAMES}
-                        for i, l in enumerate(weights.layers)]
-        self.head = Linear(weights.head, kernels, kernels and kernels.spec.head)
-        if kernels:  # decode's weights end to end, in the order a token reads them, on huge pages
-            linears = [lin[n] for lin in self.linears for n in ROLE_NAMES] + [self.head]
-            for lin, packed in zip(linears, contiguous([lin.packed for lin in linears])):
-                lin.place(packed)
+        # decode's weights end to end, in the order a token reads them, on huge pages. Each matrix is read, packed and
+        # placed in turn, the largest first, so that one at a time is unpacked: the default model's run peaked at
+        # 660 MB with every matrix unpacked first, then packed, then copied into place
+        matrices = [getattr(l, n) for l in weights.layers for n in ROLE_NAMES] + [weights.head]
+        specs = [spec(i, n) for i in range(len(weights.layers)) for n in ROLE_NAMES] + [kernels and kernels.spec.head]
+        sizes = [kernels.decode[s].packed_bytes(m.outlier_count) if kernels else 0 for m, s in zip(matrices, specs)]
+        regions = contiguous(sizes) if kernels else [None] * len(matrices)
+        linears = [None] * len(matrices)
+        for j in sorted(range(len(matrices)), key=lambda j: -sizes[j]):
+            linears[j] = Linear(matrices[j], kernels, specs[j], regions[j])
+        roles = len(ROLE_NAMES)
+        self.linears = [dict(zip(ROLE_NAMES, linears[i:i + roles])) for i in range(0, len(linears) - 1, roles)]
+        self.head = linears[-1]
         if kernels and kernels.step:
             layers = [{"attn_norm": l.attn_norm, "ffn_norm": l.ffn_norm} | {n: lin[n].packed for n in ROLE_NAMES}
                       for l, lin in zip(weights.layers, self.linears)]
             self.step = kernels.step.bind(layers, weights.norm, self.head.packed, self.threads)
         c = self.config
+        self.head_spec = weights.quant and weights.quant.kernel_spec(*HEAD.shape(c), head=True)
         self.rope_freqs = c.rope_theta ** (-np.arange(0, c.head_dim, 2, dtype=np.float64) / c.head_dim)
         self._blas = ThreadpoolController()
+
+    def embed(self, tokens) -> np.ndarray:
+        """The tokens' embeddings, (T, hidden) fp32."""
+        e = self.w.embed
+        return e[tokens] if isinstance(e, np.ndarray) else dequantize(e.take_rows(np.asarray(tokens)), self.head_spec)
 
     def matmul_seconds(self) -> float:
         """Time spent in generated kernels so far: the linear layers (when quantized) and the decode step."""
@@ -302,7 +329,7 @@ class Model:
     def _step(self, token: int, state: RunState) -> np.ndarray:
         """One token through the generated decode step: its logits."""
         threads, t0 = self.decode_threads.pick(), time.perf_counter()
-        logits = self.step(self.w.embed[token], state.k, state.v, state.cos, state.sin, state.pos, threads)[0]
+        logits = self.step(self.embed([token])[0], state.k, state.v, state.cos, state.sin, state.pos, threads)[0]
         self.decode_threads.record(threads, time.perf_counter() - t0, 1)
         self.step_seconds += time.perf_counter() - t0
         state.pos += 1
@@ -327,7 +354,7 @@ class Model:
         # the generated step's norms, attention and SwiGLU run on every core (numpy's on one), the attention over
         # the causal blocks only, in one pass
         norm = (lambda x, w: step.rmsnorm(x, w, th)) if step else (lambda x, w: rms_norm(x, w, c.rms_eps))
-        x = self.w.embed[tokens]  # (T, hidden) token embeddings
+        x = self.embed(tokens)  # (T, hidden) token embeddings
         for i, (layer, lin) in enumerate(zip(self.w.layers, self.linears)):
             # attention: q, k, v of the normed input, rotated, k and v appended to the cache
             qkv = lin["qkv"](norm(x, layer.attn_norm), th)

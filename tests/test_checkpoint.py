@@ -238,6 +238,46 @@ def test_tiny_gguf_untied(tmp_path):
     np.testing.assert_array_equal(ck.tensors["lm_head.weight"], tensors["lm_head.weight"])
 
 
+def test_untied_embedding_is_kept_in_the_heads_format(tmp_path):
+    """A quantized model looks its tokens up in the head's format: an untied embedding is quantized so, written so in
+    the .qigen file (a file from before, with an fp16 embedding, is quantized on load to the same table), and the
+    generated step's decoding loop reads it as numpy does."""
+    from dataclasses import asdict
+
+    from qigen.llm import build_model, load_file, save
+    from qigen.quant import dequantize
+    from qigen.spec import QuantSpec
+    from runtime.model import embedding_table, quantize_weights, split_linears
+
+    c = replace(TINY, tied_embeddings=False)
+    ck = load(_write_gguf(tmp_path / "untied.gguf", c, _random(c)))
+    w = quantize_weights(split_linears(ck), QuantSpec())
+    head = QuantSpec().kernel_spec(c.vocab_size, c.hidden, head=True)
+    save(tmp_path / "u.qigen", w, ck.tokenizer, ck.sha256)
+    back = load_file(tmp_path / "u.qigen")[0]
+    embed = ck.tensors["model.embed_tokens.weight"]
+    np.testing.assert_array_equal(back.embed.codes, w.embed.codes)
+    np.testing.assert_allclose(dequantize(back.embed, head), embed, rtol=0, atol=np.abs(embed).max() / 100)
+    t = safetensors_numpy.load_file(str(tmp_path / "u.qigen"))
+    del t["embed.words"], t["embed.scales"]
+    t["embed"] = embed.astype(np.float16)
+    meta = {"format": "qigen-model", "version": 1, "config": c.to_dict(), "quant": asdict(QuantSpec()),
+            "source_sha256": ck.sha256, "tokenizer": ck.tokenizer.to_json()}
+    safetensors_numpy.save_file(t, str(tmp_path / "old.qigen"), metadata={"qigen": json.dumps(meta)})
+    np.testing.assert_array_equal(load_file(tmp_path / "old.qigen")[0].embed.codes,
+                                  embedding_table(embed.astype(np.float16), head).codes)
+    model = build_model(back, ck.tokenizer, threads=1, kv_cache="fp32")
+    state, loop = model.new_state(8), model.new_state(8)
+    tokens, logits = [], model.forward([5, 6], state)
+    for _ in range(5):
+        tokens.append(int(np.argmax(logits)))
+        logits = model.forward([tokens[-1]], state)
+    model.forward([5, 6], loop)
+    picked = model.step.decode(model.w.embed, tokens[0], 4, np.array([], np.int32), loop.k, loop.v, loop.cos,
+                               loop.sin, 2, threads=1)
+    assert picked.tolist() == tokens[1:]
+
+
 @pytest.mark.parametrize("change, error", [
     (lambda t: t.pop("model.layers.1.mlp.down_proj.weight"), "missing tensor 'model.layers.1.mlp.down_proj.weight'"),
     (lambda t: t.update({"model.norm.weight": np.ones(32, np.float32)}), r"'model.norm.weight' has shape \(32,\), expected \(64,\)"),

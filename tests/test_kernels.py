@@ -203,14 +203,18 @@ def test_native_avx512_source_builds():
 
 
 def test_contiguous_copies_are_equal_and_end_to_end():
-    """Weights re-homed into one huge-page buffer keep their values, in order, each on its own cache lines."""
+    """Weights re-homed into one huge-page buffer keep their values, in order, each on its own cache lines, in regions
+    sized from the bundle alone (before packing: a model packs one matrix at a time into its place)."""
     from qigen.layout import contiguous, pack
+    from runtime.loader import Kernel
 
-    specs = [KernelSpec(37, 100, 4, 32), KernelSpec(20, 64, 8, 32, True)]
+    specs = [KernelSpec(37, 100, 4, 32), KernelSpec(20, 64, 8, 32, True), KernelSpec(16, 96, 3, 32, isa="scalar")]
     rng = np.random.default_rng(0)
-    packs = [pack(quantize(rng.standard_normal((s.rows, s.cols)).astype(np.float32), s), s, Schedule(1, 1))
-             for s in specs]
-    copies = contiguous(packs)
+    weights = [quantize(rng.standard_normal((s.rows, s.cols)).astype(np.float32), s) for s in specs]
+    weights[2] = weights[2].with_outliers(rng.standard_normal((16, 96)).astype(np.float32), np.array([0, 5, 95]))
+    packs = [pack(q, s, Schedule(1, 1)) for q, s in zip(weights, specs)]
+    sizes = [Kernel(s, Schedule(1, 1), None, None).packed_bytes(q.outlier_count) for s, q in zip(specs, weights)]
+    copies = [p.into(region) for p, region in zip(packs, contiguous(sizes))]
     addresses = []
     for p, c in zip(packs, copies):
         assert list(c.arrays) == list(p.arrays)
@@ -219,6 +223,9 @@ def test_contiguous_copies_are_equal_and_end_to_end():
             assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
             addresses.append(b.ctypes.data)
     assert addresses == sorted(addresses) and all(a % 64 == 0 for a in addresses)
+    assert sizes[0] == sum(-(-a.nbytes // 64) * 64 for a in packs[0].arrays.values())
+    with pytest.raises(ValueError, match="do not fit"):
+        packs[1].into(np.zeros(sizes[1] - 64, np.uint8))
     # a private mapping: a shared one is shmem, whose huge pages follow shmem_enabled (often never), not the advice
     maps = Path("/proc/self/maps")
     if maps.exists():

@@ -79,9 +79,9 @@ def random_model(step: StepSpec, seed: int = 0, outliers: bool = False):
         layers.append(Layer(quantized[-1]["attn_norm"], d["qkv"], d["o"], quantized[-1]["ffn_norm"], d["gate_up"],
                             d["down"]))
     head = quantize(rng.standard_normal((c.vocab_size, c.hidden)).astype(np.float32), step.head)
-    embed = rng.standard_normal((c.vocab_size, c.hidden)).astype(np.float32)
-    final = norm()
-    return quantized, final, head, Weights(c, embed, layers, final, dequantize(head, step.head), None)
+    final = norm()  # the embedding is the head's (tied): the step's decoding loop looks tokens up in it
+    return quantized, final, head, Weights(c, dequantize(head, step.head), layers, final, dequantize(head, step.head),
+                                           None)
 
 
 def packed(kernel, quantized):
@@ -167,6 +167,11 @@ def check_step(step: StepSpec, tolerance: float = 2e-5, tokens: int = TOKENS):
             np.testing.assert_allclose(got, want, rtol=0, atol=tolerance * np.abs(want).max(), err_msg=f"position {pos}")
     assert ties <= len(tokens) // 10
     np.testing.assert_array_equal(reference.embed, embed)  # the step reads the embedding, keeps its own x
+    # the decoding loop looks its tokens up in the head's format (fp16 or fp32 scales, by group or row) as numpy does
+    a, b = ref.new_state(1), ref.new_state(1)
+    want = run(reference.embed[tokens[0]], a.k, a.v, a.cos, a.sin, 0)[1]
+    assert run.decode(head, int(tokens[0]), 1, np.array([], np.int32), b.k, b.v, b.cos, b.sin, 0).tolist() == [want]
+    np.testing.assert_array_equal(a.k, b.k)
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -281,23 +286,26 @@ def test_greedy_loop_matches_single_steps(tiny):
         token = run(reference.embed[token], state.k, state.v, state.cos, state.sin, pos)[1]
         want.append(token)
     none = np.array([], np.int32)
-    got = run.decode(reference.embed, 7, 8, none, loop.k, loop.v, loop.cos, loop.sin, 3, threads=2)
+    got = run.decode(head, 7, 8, none, loop.k, loop.v, loop.cos, loop.sin, 3, threads=2)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(loop.k, state.k)
     np.testing.assert_array_equal(loop.v, state.v)
     stop = np.array([want[4], 10 ** 6], np.int32)  # the fifth token ends it (if it came no earlier)
-    np.testing.assert_array_equal(run.decode(reference.embed, 7, 8, stop, loop.k, loop.v, loop.cos, loop.sin, 3),
+    np.testing.assert_array_equal(run.decode(head, 7, 8, stop, loop.k, loop.v, loop.cos, loop.sin, 3),
                                   want[:want.index(want[4]) + 1])
     with pytest.raises(ValueError, match="position 12 is outside the context of 12"):
-        run.decode(reference.embed, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(head, 7, 10, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="token 300 is outside the vocabulary"):
-        run.decode(reference.embed, step.config.vocab_size, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
-    with pytest.raises(ValueError, match="embeddings"):
-        run.decode(reference.embed[:-1], 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(head, step.config.vocab_size, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+    with pytest.raises(ValueError, match="embedding codes"):
+        run.decode(head.take_rows(np.arange(step.config.vocab_size - 1)), 7, 1, none, loop.k, loop.v, loop.cos,
+                   loop.sin, 3)
+    with pytest.raises(ValueError, match="embeddings: a table in the head's format"):
+        run.decode(reference.embed, 7, 1, none, loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="stop"):
-        run.decode(reference.embed, 7, 1, none.astype(np.int64), loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(head, 7, 1, none.astype(np.int64), loop.k, loop.v, loop.cos, loop.sin, 3)
     with pytest.raises(ValueError, match="n=0"):
-        run.decode(reference.embed, 7, 0, none, loop.k, loop.v, loop.cos, loop.sin, 3)
+        run.decode(head, 7, 0, none, loop.k, loop.v, loop.cos, loop.sin, 3)
 
 
 SAMPLINGS = [(0.8, 0, 1.0), (1.0, 20, 1.0), (0.7, 0, 0.9), (1.3, 50, 0.8), (0.5, 5, 0.999)]  # temperature, k, p
@@ -340,11 +348,11 @@ def test_sampled_loop_matches_single_steps(tiny):
                          one)
         want.append(token)
     s = states[1]
-    got = run.decode(reference.embed, 7, 8, none, s.k, s.v, s.cos, s.sin, 3, sampling=Sampling.seeded(0.9, 30, 0.95, 5))
+    got = run.decode(head, 7, 8, none, s.k, s.v, s.cos, s.sin, 3, sampling=Sampling.seeded(0.9, 30, 0.95, 5))
     np.testing.assert_array_equal(got, want)
     s, chunks = states[2], Sampling.seeded(0.9, 30, 0.95, seed=5)
-    head3 = run.decode(reference.embed, 7, 3, none, s.k, s.v, s.cos, s.sin, 3, sampling=chunks)
-    rest = run.decode(reference.embed, int(head3[-1]), 5, none, s.k, s.v, s.cos, s.sin, 6, sampling=chunks)
+    head3 = run.decode(head, 7, 3, none, s.k, s.v, s.cos, s.sin, 3, sampling=chunks)
+    rest = run.decode(head, int(head3[-1]), 5, none, s.k, s.v, s.cos, s.sin, 6, sampling=chunks)
     np.testing.assert_array_equal(np.concatenate([head3, rest]), want)
     with pytest.raises(ValueError, match="top_p=0"):
         Sampling(0.9, 30, 0.0)

@@ -1198,14 +1198,21 @@ int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(const v
 }
 
 /* Decoding: steps in a loop, each feeding the token it picks to the next, from `token` at pos; picked as
-   step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick does (greedy at temperature 0), its work in the scratch that the step is done with. embeddings:
-   the table (vocab, hidden). The picked tokens go to tokens[0..n); a token among stop[0..stops) is kept and ends
-   the loop. Returns how many tokens it picked; the caches then hold pos..pos + that - 1. */
-int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_decode(const void *const *weights, const float *embeddings, int token, int n, const int *stop, int stops, float temperature, int top_k, float top_p, uint64_t *rng, int *tokens, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
+   step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick does (greedy at temperature 0), its work in the scratch that the step is done with. embed_codes,
+   embed_scales: the embedding table in the head's format, (vocab, hidden) codes and (vocab, 3) scales,
+   a token's row dequantized as numpy's dequantize does. The picked tokens go to tokens[0..n); a token among
+   stop[0..stops) is kept and ends the loop. Returns how many tokens it picked; the caches then hold
+   pos..pos + that - 1. */
+int step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_decode(const void *const *weights, const uint8_t *embed_codes, const void *embed_scales, int token, int n, const int *stop, int stops, float temperature, int top_k, float top_p, uint64_t *rng, int *tokens, void *k_cache, void *v_cache, const float *rope_cos, const float *rope_sin, int pos, int context, float *logits, float *scratch, int threads)
 {
+    float embedding[72];
     for (int i = 0; i < n; i++) {
-        token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(weights, embeddings + (size_t)token * 72, k_cache, v_cache, rope_cos, rope_sin,
-                             pos + i, context, logits, scratch, threads);
+        const uint8_t *codes = embed_codes + (size_t)token * 72;
+        const uint16_t *scales = (const uint16_t *)embed_scales + (size_t)token * 3;
+        for (int j = 0; j < 72; j++)
+            embedding[j] = f_half(scales[j / 32]) * ((float)codes[j] - 128.0f);
+        token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2(weights, embedding, k_cache, v_cache, rope_cos, rope_sin, pos + i, context, logits, scratch,
+                             threads);
         if (temperature > 0.0f)
             token = step_l2_d72_h3kv1x24_f100_v300_q4g32asyma8_fp16_head_q8g32syma8_avx2_pick(logits, temperature, top_k, top_p, rng, scratch);
         tokens[i] = token;
