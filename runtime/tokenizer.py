@@ -111,8 +111,9 @@ class Tokenizer:
         if len(vocab) != len(tokens):
             raise TokenizerError(f"the vocabulary repeats {len(tokens) - len(vocab)} token strings")
         pairs = [tuple(m.split(" ")) for m in merges]
-        if bad := next((m for m, p in zip(merges, pairs) if len(p) != 2 or p[0] + p[1] not in vocab), None):
-            raise TokenizerError(f"merge '{bad}' is not two tokens whose join is in the vocabulary")
+        if bad := next((m for m, p in zip(merges, pairs) if len(p) != 2 or not {*p, p[0] + p[1]} <= vocab.keys()),
+                       None):  # (tokenizers' BPE raises a bare Exception for a part outside the vocabulary)
+            raise TokenizerError(f"merge '{bad}' is not two tokens of the vocabulary whose join is in it too")
         tk = _HFTokenizer(models.BPE(vocab, pairs, fuse_unk=False, byte_fallback=False,
                                      ignore_merges=pre in _LLAMA3))
         tk.pre_tokenizer = _pre_tokenizer(pre)

@@ -219,6 +219,8 @@ def test_bad_gguf_fields():
         Tokenizer.from_gguf_fields(TINY_TOKENS, TINY_MERGES, types[1:], None, None, None, False, "gpt2")
     with pytest.raises(TokenizerError, match="merge '1 5'"):
         Tokenizer.from_gguf_fields(TINY_TOKENS, ["1 5"], types, None, None, None, False, "gpt2")
+    with pytest.raises(TokenizerError, match="merge '1 23'"):  # its join is a token, "23" is none (found by the fuzzer)
+        Tokenizer.from_gguf_fields(TINY_TOKENS, ["1 23"], types, None, None, None, False, "gpt2")
     with pytest.raises(TokenizerError, match="repeats"):
         Tokenizer.from_gguf_fields(TINY_TOKENS + ["12"], TINY_MERGES, types + [1], None, None, None, False, "gpt2")
     with pytest.raises(TokenizerError, match="EOS id 999"):
