@@ -1,6 +1,8 @@
 """Fuzz qigen's model readers: mutated GGUF files, .qigen files and Hugging Face directories, each read by a worker
 process under a memory limit, with a time limit per input. Every input must load or be refused with a
-CheckpointError: a crash (the worker dies), a hang (no answer in TIMEOUT_S) or any other exception is a finding.
+CheckpointError: a crash (the worker dies), a hang (no answer in TIMEOUT_S), any other exception, or reading it taking
+more than GROWTH times its size plus MARGIN of memory (the worker's peak resident memory over its own before) is a
+finding.
 
     python -m tests.fuzz --inputs 10000          # the long run: GGUF, .qigen and HF, split 5:1:1
     python -m tests.fuzz --inputs 300 --seed 7   # test_fuzz.py runs a few hundred in the suite
@@ -24,6 +26,7 @@ import numpy as np
 
 TIMEOUT_S = 10
 MEMORY = 3 << 30  # bytes of address space a worker may map: numpy, the readers and a tiny model fit well within
+GROWTH, MARGIN = 4, 64 << 20  # what reading an input may add to the worker's peak resident memory: 4x its size + 64 MiB
 EXTREMES = (0, 1, 0xFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 31, 1 << 32, (1 << 63) - 1, (1 << 64) - 1, (1 << 64) - 32)
 
 
@@ -94,8 +97,15 @@ def worker() -> None:
     from qigen.llm import load_file
     from runtime.checkpoint import CheckpointError, load
 
+    status = Path("/proc/self/status")
+    resident = lambda key: next(int(v.split()[1]) << 10 for v in status.read_text().splitlines() if v.startswith(key))
     for line in sys.stdin:
         kind, path = line.rstrip("\n").split(" ", 1)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again from here
+        except OSError:  # (where it cannot, the peak since the worker started: an upper bound)
+            pass
+        before = resident("VmRSS:")
         try:
             load_file(Path(path)) if kind == "qigen" else load(path)
             answer = {"outcome": "loaded"}
@@ -103,7 +113,7 @@ def worker() -> None:
             answer = {"outcome": "refused", "message": str(e)[:300]}
         except BaseException as e:  # a finding: the traceback says where
             answer = {"outcome": "traceback", "message": "".join(traceback.format_exception(e))[-1500:]}
-        print(json.dumps(answer), flush=True)
+        print(json.dumps(answer | {"grew": resident("VmHWM:") - before}), flush=True)
 
 
 def _start() -> subprocess.Popen:
@@ -124,6 +134,7 @@ def run(count: int, seed: int = 0, progress=lambda s: None) -> tuple[Counter, li
         proc = _start()
         for n, (kind, path) in enumerate(item for k, c in split.items()
                                          for item in inputs(seed_paths, k, c, seed, tmp / k if k == "hf" else tmp)):
+            size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
             proc.stdin.write(f"{kind} {path}\n")
             proc.stdin.flush()
             ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT_S)
@@ -136,6 +147,8 @@ def run(count: int, seed: int = 0, progress=lambda s: None) -> tuple[Counter, li
                 proc = _start()
             else:
                 answer = json.loads(line)
+                if answer["grew"] > GROWTH * size + MARGIN:
+                    answer = {"outcome": "memory", "message": f"{answer['grew']} bytes to read {size}"}
             outcomes[answer["outcome"]] += 1
             if answer["outcome"] not in ("loaded", "refused"):
                 findings.append({"kind": kind, "input": n, **answer})
