@@ -4,10 +4,12 @@ state, one forward() with a comment per step; prefill (matrix-matrix kernels) an
 """
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -139,44 +141,49 @@ class Linear:
         return y
 
 
-class ThreadChoice:
-    """The thread count decode steps run with, chosen by measurement: the fastest seconds per token so far among
-    the most threads, half of them and one. Each is tried once first; after that another is re-tried (on a short
-    chunk: callers see `probing`) when its turn comes, every PROBE calls at first, twice as rarely each time it
-    comes back slower, so that a change of load is seen at a bounded cost. OpenMP threads wait for each other at
-    every barrier of a step: when another program takes a core, the thread that lost it stalls the rest (on 2
-    cores with two busy processes one 2-thread token took 0.3-0.6 s, against 7 ms on 1 thread)."""
-    PROBE = 4
-    LONGEST = 256  # calls (about 13 s of 50 ms chunks) between re-tries of an option that keeps coming back slower
+def cpu_seconds() -> tuple[float, float] | None:
+    """CPU seconds since boot on the cores this process may use, busy (neither idle nor waiting for I/O, time a
+    hypervisor took included), and this process's CPU seconds: Linux's accounting (/proc/stat); None elsewhere."""
+    cores = os.sched_getaffinity(0)
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = 0
+    for line in lines:
+        name, *ticks = line.split()
+        if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cores:
+            t = [int(v) for v in ticks[:8]]  # user nice system idle iowait irq softirq steal (guests are in user)
+            busy += sum(t) - t[3] - t[4]
+    return busy / os.sysconf("SC_CLK_TCK"), time.process_time()
 
-    def __init__(self, most: int):
-        self.options = sorted({most, max(1, most // 2), 1}, reverse=True)
-        self.per_token: dict[int, float] = {}  # threads → seconds per token, a running average
-        self.wait = {t: self.PROBE for t in self.options}  # calls until an option's next re-try, and its interval
-        self.due = dict(self.wait)
-        self.calls = 0
-        self.probing = False  # the last pick is not the fastest known: callers keep its work short
+
+class ThreadChoice:
+    """The thread count decode steps and prefill chunks run with: the cores this process may use, less those other
+    programs kept busy over the last WINDOW seconds or more, as the kernel accounts them (busy time on our cores less
+    our own). OpenMP threads wait for each other at every barrier: when another program takes a core, the thread
+    that lost it stalls the rest. On 2 cores with one busy process, 2-thread decode fell to 29-45% of its idle speed
+    (one token took 0.6 s) and 2-thread prefill to a third of 1 thread's under the same load; choosing by timing
+    each count (every other one tried now and then) cost a short run a fifth of its speed in those tries. The
+    accounting costs a read of /proc/stat a call and tries nothing."""
+    WINDOW = 0.2  # seconds: at 100 ticks a second per core, a window's busy time is known to a few percent of a core
+
+    def __init__(self, most: int, sample: Callable[[], tuple[float, float] | None] = cpu_seconds,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.most, self._sample, self._clock = most, sample, clock
+        self.threads = most
+        self.taken = 0.0  # cores other programs kept busy over the last window
+        self._since = (clock(), sample())
 
     def pick(self) -> int:
-        self.calls += 1
-        if untried := [t for t in self.options if t not in self.per_token]:
-            self.probing = len(untried) < len(self.options)
-            return untried[0]
-        best = min(self.per_token, key=self.per_token.get)
-        due = [t for t in self.options if t != best and self.due[t] <= self.calls]
-        self.probing = bool(due)
-        return due[0] if due else best
-
-    def record(self, threads: int, seconds: float, tokens: int) -> None:
-        if not tokens:
-            return
-        rate = seconds / tokens
-        if self.probing:  # back off from an option that is still slower; come back soon to one that is not
-            slower = rate > min(self.per_token.values(), default=rate)
-            self.wait[threads] = min(2 * self.wait[threads], self.LONGEST) if slower else self.PROBE
-            self.due[threads] = self.calls + self.wait[threads]
-        old = self.per_token.get(threads)
-        self.per_token[threads] = rate if old is None else (old + rate) / 2
+        now = self._clock()
+        then, before = self._since
+        if now - then >= self.WINDOW and before is not None and (after := self._sample()) is not None:
+            busy, ours = after[0] - before[0], after[1] - before[1]
+            self.taken = max(0.0, (busy - ours) / (now - then))
+            self.threads = max(1, self.most - int(self.taken + 0.5))
+            self._since = now, after
+        return self.threads
 
 
 @dataclass
@@ -257,7 +264,7 @@ class Model:
         self.kv = kv_cache_format(kv_cache or (kernels.spec.kv_cache if kernels else "fp32"), weights.config)
         if kernels and self.kv.name != kernels.spec.kv_cache:
             raise ValueError(f"KV cache {self.kv.name}: the kernels were generated for {kernels.spec.kv_cache}")
-        self.decode_threads = ThreadChoice(self.threads)
+        self.cores = ThreadChoice(self.threads)  # the threads to run on now: those other programs leave cores for
         if (weights.quant is None) != (kernels is None):
             raise ValueError("a quantized model runs on its kernels (qigen.llm.build_model), an fp32 one on numpy")
         self.step, self.step_seconds = None, 0.0
@@ -328,9 +335,8 @@ class Model:
 
     def _step(self, token: int, state: RunState) -> np.ndarray:
         """One token through the generated decode step: its logits."""
-        threads, t0 = self.decode_threads.pick(), time.perf_counter()
+        threads, t0 = self.cores.pick(), time.perf_counter()
         logits = self.step(self.embed([token])[0], state.k, state.v, state.cos, state.sin, state.pos, threads)[0]
-        self.decode_threads.record(threads, time.perf_counter() - t0, 1)
         self.step_seconds += time.perf_counter() - t0
         state.pos += 1
         return logits
@@ -338,18 +344,15 @@ class Model:
     def _decode(self, token: int, state: RunState, n: int, stop: np.ndarray, sampling: Sampling) -> list[int]:
         """Up to n tokens after `token`, each picked by `sampling`, through the generated step in one call (a loop in
         C), ending after one in stop."""
-        threads, t0 = self.decode_threads.pick(), time.perf_counter()
-        if self.decode_threads.probing:  # a quarter chunk: the other thread count may be several times slower
-            n = max(1, n // 4)
+        threads, t0 = self.cores.pick(), time.perf_counter()
         tokens = self.step.decode(self.w.embed, token, n, stop, state.k, state.v, state.cos, state.sin, state.pos,
                                   threads, sampling)
-        self.decode_threads.record(threads, time.perf_counter() - t0, len(tokens))
         self.step_seconds += time.perf_counter() - t0
         state.pos += len(tokens)
         return tokens.tolist()
 
     def _forward(self, tokens: list[int] | np.ndarray, state: RunState, all_logits: bool) -> np.ndarray:
-        c, th, step = self.config, self.threads, self.step
+        c, th, step = self.config, self.cores.pick(), self.step
         n, pos = len(tokens), state.pos
         # the generated step's norms, attention and SwiGLU run on every core (numpy's on one), the attention over
         # the causal blocks only, in one pass

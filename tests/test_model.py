@@ -334,21 +334,31 @@ def test_qigen_file_nonsense_is_refused(q8_file, tmp_path, meta, tensors, error)
         load_file(_edited(q8_file, tmp_path / "bad.qigen", meta, tensors))
 
 
-def test_thread_choice_follows_the_measured_speed():
-    """Decode takes the thread count measured fastest, tries the others now and then (on short chunks), and turns
-    when the load changes: here, when a busy neighbour makes 2 threads three times slower than 1."""
-    from runtime.model import ThreadChoice
+def test_thread_choice_leaves_the_cores_others_keep_busy():
+    """Decode runs on the cores that other programs left free over the last window, by the kernel's accounting (busy
+    CPU seconds on our cores less our own): a busy neighbour takes a core, and gives it back when it stops."""
+    from runtime.model import ThreadChoice, cpu_seconds
 
-    choice, speed = ThreadChoice(2), {2: 1.0, 1: 1.3}  # seconds per token
-    picks = []
-    for call in range(200):
-        if call == 100:
-            speed = {2: 3.0, 1: 1.3}
-        t = choice.pick()
-        picks.append((t, choice.probing))
-        choice.record(t, speed[t] * 4, 4)
-    assert picks[:2] == [(2, False), (1, True)]  # each tried once first
-    settled = lambda part: {t for t, probing in part if not probing}
-    assert settled(picks[10:100]) == {2} and settled(picks[110:]) == {1}
-    assert all(t != (2 if i < 100 else 1) for i, (t, probing) in enumerate(picks[10:], 10) if probing)
-    assert ThreadChoice(1).pick() == 1
+    now, busy, ours = [0.0], [0.0], [0.0]
+
+    def run(seconds: float, others: float, mine: float) -> None:  # cores kept busy by others and by us
+        now[0] += seconds
+        busy[0] += seconds * (others + mine)
+        ours[0] += seconds * mine
+
+    choice = ThreadChoice(2, lambda: (busy[0], ours[0]), lambda: now[0])
+    assert choice.pick() == 2  # no window measured yet: every core
+    run(0.3, others=0.1, mine=1.9)
+    assert choice.pick() == 2
+    run(0.3, others=0.7, mine=1.3)  # a busy process shares the cores with 2 threads
+    assert choice.pick() == 1 and abs(choice.taken - 0.7) < 1e-9
+    run(0.1, others=0.0, mine=1.0)
+    assert choice.pick() == 1  # (under a window: the choice stands)
+    run(0.2, others=1.0, mine=1.0)
+    assert choice.pick() == 1
+    run(0.3, others=0.2, mine=1.0)  # it stopped
+    assert choice.pick() == 2
+    assert ThreadChoice(2, lambda: None).pick() == 2  # no accounting: every core
+    assert ThreadChoice(1, lambda: (busy[0], ours[0]), lambda: now[0]).pick() == 1
+    total, mine = cpu_seconds()
+    assert total > 0 and 0 < mine <= total
