@@ -150,8 +150,7 @@ def cpu_seconds() -> tuple[float, float] | None:
     except OSError:
         return None
     busy = 0
-    for line in lines:
-        name, *ticks = line.split()
+    for name, *ticks in (line.split() or [""] for line in lines):
         if name[:3] == "cpu" and name[3:].isdigit() and int(name[3:]) in cores:
             t = [int(v) for v in ticks[:8]]  # user nice system idle iowait irq softirq steal (guests are in user)
             busy += sum(t) - t[3] - t[4]
