@@ -29,7 +29,7 @@ from runtime import bandwidth
 from runtime.checkpoint import Checkpoint, Safetensors, default_model
 from runtime.checkpoint import load as load_checkpoint
 from runtime.compiler import atomic_write, cache_dir
-from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, embedding_table, kv_cache_format,
+from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, quantize_rows, kv_cache_format,
                            quantize_weights, split_linears, take_rows)
 from runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -169,7 +169,7 @@ def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:
         elif "embed.words" in f.tensors:
             embed = StoredWeights.open(f, "embed", head_spec).load()
         else:  # written before embeddings were kept in the head's format
-            embed = embedding_table(_tensor(f, "embed", np.float16, HEAD.shape(config)), head_spec)
+            embed = quantize_rows(_tensor(f, "embed", np.float16, HEAD.shape(config)), head_spec)
         weights = Weights(config, embed, layers, norm("norm"), head, q)
     except (CheckpointError, ValueError) as e:
         raise CheckpointError(f"{path} is incomplete or was made for another spec: {e}") from e

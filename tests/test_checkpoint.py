@@ -247,7 +247,7 @@ def test_untied_embedding_is_kept_in_the_heads_format(tmp_path):
     from qigen.llm import build_model, load_file, save
     from qigen.quant import dequantize
     from qigen.spec import QuantSpec
-    from runtime.model import embedding_table, quantize_weights, split_linears
+    from runtime.model import quantize_rows, quantize_weights, split_linears
 
     c = replace(TINY, tied_embeddings=False)
     ck = load(_write_gguf(tmp_path / "untied.gguf", c, _random(c)))
@@ -265,7 +265,7 @@ def test_untied_embedding_is_kept_in_the_heads_format(tmp_path):
             "source_sha256": ck.sha256, "tokenizer": ck.tokenizer.to_json()}
     safetensors_numpy.save_file(t, str(tmp_path / "old.qigen"), metadata={"qigen": json.dumps(meta)})
     np.testing.assert_array_equal(load_file(tmp_path / "old.qigen")[0].embed.codes,
-                                  embedding_table(embed.astype(np.float16), head).codes)
+                                  quantize_rows(embed.astype(np.float16), head).codes)
     model = build_model(back, ck.tokenizer, threads=1, kv_cache="fp32")
     state, loop = model.new_state(8), model.new_state(8)
     tokens, logits = [], model.forward([5, 6], state)
