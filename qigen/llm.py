@@ -26,9 +26,9 @@ from qigen.pipeline import best_isa, build
 from qigen.quant import QuantizedWeights, check_outliers, quantize
 from qigen.spec import KernelSpec, QuantSpec, SpecError, StepSpec, prefill_spec
 from runtime import bandwidth
-from runtime.checkpoint import Checkpoint, Safetensors, default_model
+from runtime.checkpoint import Checkpoint, Safetensors, default_model, write_safetensors
 from runtime.checkpoint import load as load_checkpoint
-from runtime.compiler import atomic_write, cache_dir
+from runtime.compiler import cache_dir
 from runtime.model import (PREFILL_BATCH, Kernels, Layer, Model, Weights, quantize_rows, kv_cache_format,
                            quantize_weights, split_linears, take_rows)
 from runtime.tokenizer import Tokenizer, TokenizerError
@@ -109,8 +109,6 @@ class StoredWeights:
 
 
 def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str) -> None:
-    from safetensors.numpy import save as to_bytes
-
     q, c = weights.quant, weights.config
     tensors: dict[str, np.ndarray] = {"norm": weights.norm}
     for i, layer in enumerate(weights.layers):
@@ -125,8 +123,7 @@ def save(path: Path, weights: Weights, tokenizer: Tokenizer, source_sha256: str)
         tensors |= _stored("embed", weights.embed, q.kernel_spec(*HEAD.shape(c), head=True))
     meta = {"format": FORMAT, "version": VERSION, "config": c.to_dict(), "quant": asdict(q),
             "source_sha256": source_sha256, "tokenizer": tokenizer.to_json()}
-    atomic_write(path, to_bytes({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                metadata={"qigen": json.dumps(meta)}))
+    write_safetensors(path, tensors, {"qigen": json.dumps(meta)})
 
 
 def load_file(path: Path) -> tuple[Weights, Tokenizer, dict]:

@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -134,14 +135,16 @@ def remove_stale(directory: Path) -> None:
                 pass
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file renamed into place: a reader never sees half a file, and a
-    killed writer's temporary file is removed by the next write into that directory."""
+def atomic_write(path: Path, data: bytes | Iterable) -> None:
+    """Write `data` (bytes, or pieces of them in order) to `path` through a temporary file renamed into place: a
+    reader never sees half a file, and a killed writer's temporary file is removed by the next write into that
+    directory."""
     remove_stale(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in [data] if isinstance(data, bytes) else data:
+                f.write(piece)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -47,7 +47,7 @@ class Layer:
 class Weights:
     config: LlamaConfig
     embed: Matrix  # (vocab, hidden), for the token lookup: fp32, or (a quantized model's) in the head's format
-    layers: list[Layer]
+    layers: Sequence[Layer]  # a list, or (a checkpoint's) Layers
     norm: np.ndarray  # (hidden,)
     head: Matrix  # (vocab, hidden)
     quant: QuantSpec | None  # None: fp32
@@ -57,17 +57,33 @@ def take_rows(m: Matrix, rows: np.ndarray) -> Matrix:
     return m[rows] if isinstance(m, np.ndarray) else m.take_rows(rows)
 
 
+class Layers(Sequence):
+    """A checkpoint's layers, each made when asked from its tensors (Checkpoint.tensors makes those when asked too):
+    quantizing holds one layer's fp32 matrices at a time."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self._ckpt = ckpt
+
+    def __len__(self) -> int:
+        return self._ckpt.config.layers
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"layer {i} of {len(self)}")
+        c, t, p = self._ckpt.config, self._ckpt.tensors, layer_prefix(i % len(self))
+        return Layer(**{n: t[f"{p}{name}.weight"] for n, name in NORMS.items()},
+                     **{r.name: r.stack(c, [t[f"{p}{part.name}.weight"] for part in r.parts]) for r in ROLES})
+
+
 def split_linears(ckpt: Checkpoint) -> Weights:
-    """A checkpoint's fp32 tensors, each layer's products stacked as qigen.arch.ROLES says: one kernel call each."""
+    """A checkpoint's fp32 tensors, each layer's products stacked as qigen.arch.ROLES says: one kernel call each. Its
+    layers are made when asked (a Model keeps them made)."""
     c, t = ckpt.config, ckpt.tensors
-    layers = []
-    for i in range(c.layers):
-        p = layer_prefix(i)
-        layers.append(Layer(**{n: t[f"{p}{name}.weight"] for n, name in NORMS.items()},
-                            **{r.name: r.stack(c, [t[f"{p}{part.name}.weight"] for part in r.parts]) for r in ROLES}))
     embed = t["model.embed_tokens.weight"]
     head = embed if c.tied_embeddings else t[f"{HEAD.parts[0].name}.weight"]
-    return Weights(c, embed, layers, t["model.norm.weight"], head, None)
+    return Weights(c, embed, Layers(ckpt), t["model.norm.weight"], head, None)
 
 
 def quantize_weights(w: Weights, quant: QuantSpec,
@@ -258,6 +274,7 @@ class Model:
         """kernels: what a quantized model runs on (qigen.llm.build_model makes them); with a decode step in them,
         decode runs it (every layer and the head in C, one parallel region per token), else the Python loop over
         per-product kernels. kv_cache: the KV cache's format (qigen.kvcache), the kernels' when they have one."""
+        weights = replace(weights, layers=list(weights.layers))  # (each made once: a checkpoint's are made when asked)
         self.w, self.tokenizer, self.config = weights, tokenizer, weights.config
         self.threads = check_threads(threads)
         self.kv = kv_cache_format(kv_cache or (kernels.spec.kv_cache if kernels else "fp32"), weights.config)
